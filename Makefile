@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` trains the embedded digits model, `make test` runs the tests.
+# Both create .venv when it is missing and install the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: demo test test-slow install clean
+
+install: $(STAMP)
+
+# torchvision from the registry pins its matching torch (a CUDA build that runs fine on the CPU); torch is never
+# pinned here, so pip never takes the CPU-only wheel that torchvision cannot load (see DEVELOPERS.md).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sagan fit --config configs/digits.yaml
+	$(BIN)/python scripts/digits_accuracy.py outputs/digits/checkpoints/last.ckpt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,103 @@
+"""The ``sagan`` command line: LightningCLI subcommands (fit, validate, ...) configured by YAML in ``configs/``.
+
+    sagan fit --config configs/digits.yaml
+    sagan fit --config configs/cifar10.yaml --data.root data/cifar10
+    sagan fit --config configs/digits.yaml --print_config
+
+A run writes to ``<output_root>/<experiment>/``: ``checkpoints/last.ckpt``, ``samples/step_*.png`` and the
+resolved ``config.yaml``. Errors the user can cause are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from .callbacks import RunSummary, SampleGrid
+from .data import SAGANData
+from .errors import SaganError
+from .module import SAGAN
+
+
+def _run_dir(output_root: str, experiment: str) -> str:
+    return str(Path(output_root) / experiment)
+
+
+def _ckpt_dir(output_root: str, experiment: str) -> str:
+    return str(Path(output_root) / experiment / "checkpoints")
+
+
+def _samples_dir(output_root: str, experiment: str) -> str:
+    return str(Path(output_root) / experiment / "samples")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the resolved config as ``<run dir>/config.yaml`` (rank 0), overwriting the previous run's copy.
+
+    Writing next to the checkpoints rather than into a logger's folder keeps one config per experiment folder and
+    avoids the LightningCLI / WandbLogger ``config.yaml`` collision (Lightning #17168).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.update(save_to_log_dir=False, overwrite=True)
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True)
+
+
+class SAGANCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--experiment", type=str, default="sagan", help="run name: outputs go to OUTPUT_ROOT/EXPERIMENT")
+        parser.add_argument("--output_root", type=str, default="outputs", help="folder that holds all runs")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.every_n_train_steps": 1000})
+        parser.add_lightning_class_args(SampleGrid, "samples")
+        parser.add_lightning_class_args(RunSummary, "summary")
+        runs = ("output_root", "experiment")
+        parser.link_arguments(runs, "trainer.default_root_dir", compute_fn=_run_dir)
+        parser.link_arguments(runs, "checkpoint.dirpath", compute_fn=_ckpt_dir)
+        parser.link_arguments(runs, "samples.dirpath", compute_fn=_samples_dir)
+        parser.link_arguments("data.resolution", "model.resolution")
+        parser.link_arguments("data.channels", "model.img_channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``sagan`` console script."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        SAGANCLI(
+            SAGAN,
+            SAGANData,
+            save_config_callback=SaveRunConfig,
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except SaganError as e:
+        print(f"sagan: error: {_message(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _message(e: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback inside."""
+    msg = str(e).strip()
+    if "Original Traceback" in msg:
+        msg = msg.splitlines()[-1]
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+    return msg
+
+
+if __name__ == "__main__":
+    main()

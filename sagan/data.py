@@ -1,0 +1,231 @@
+"""Training data: any image folder, CIFAR-10 (torchvision), and the built-in offline *digits* set.
+
+Images come out as float tensors (C, R, R) in [-1, 1] with an integer class label (0 for unlabelled data).
+
+* ``folder``: a folder of images, flat (unconditional) or one subfolder per class (class-conditional), read with
+  PIL, resized on the short side and centre-cropped to ``resolution``.
+* ``cifar10``: ``torchvision.datasets.CIFAR10`` from a local ``root`` (``download: true`` fetches it when online).
+* ``digits``: scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits, 10 classes, shipped inside the
+  scikit-learn package, so it works offline), upsampled to ``resolution``; a fixed stratified 80/20 split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision import transforms
+
+from .errors import ConfigError, DataError
+from .models import check_resolution
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+DATASETS = ("digits", "cifar10", "folder")
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+# ------------------------------------------------------------------------------------------------------ digits
+def load_digits_arrays(split: Literal["train", "test", "all"] = "train") -> tuple[Tensor, Tensor]:
+    """scikit-learn's real digits as ((N, 8, 8) float in [0, 16], (N,) long labels) for a fixed stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images, labels = torch.from_numpy(d.images).float(), torch.from_numpy(d.target).long()
+    if split == "all":
+        return images, labels
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(labels)).numpy(),
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=labels.numpy(),
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    idx = torch.from_numpy(idx_train if split == "train" else idx_test)
+    return images[idx], labels[idx]
+
+
+def digits_to_images(images8: Tensor, resolution: int, channels: int = 1) -> Tensor:
+    """(N, 8, 8) digit intensities in [0, 16] -> (N, channels, R, R) in [-1, 1], bicubic upsampling."""
+    x = images8.unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+    return (x * 2.0 - 1.0).repeat(1, channels, 1, 1)  # (N, C, R, R)
+
+
+def images_to_digits(images: Tensor) -> Tensor:
+    """Inverse view for digit classifiers: (N, C, R, R) in [-1, 1] -> (N, 64) intensities in [0, 16] at 8x8."""
+    x = images.float().mean(dim=1, keepdim=True)  # (N, 1, R, R)
+    x = F.adaptive_avg_pool2d((x.clamp(-1, 1) + 1.0) / 2.0, 8)  # (N, 1, 8, 8)
+    return (x * 16.0).flatten(1)  # (N, 64)
+
+
+# ------------------------------------------------------------------------------------------------ image folder
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], list[str]]:
+    """List (path, label) pairs and class names of an image folder.
+
+    One subfolder per class (images found recursively inside each) makes a labelled set with classes in sorted
+    order; images directly in ``root`` and no class subfolders make an unlabelled set (label 0, no classes).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"image folder {str(root)!r} does not exist or is not a folder: set data.root to a folder of images "
+            "(flat, or one subfolder per class)"
+        )
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subdirs:
+        classes, samples = [], []
+        for label, d in enumerate(subdirs):
+            files = sorted(p for p in d.rglob("*") if _is_image(p))
+            if not files:
+                raise DataError(
+                    f"class folder {str(d)!r} has no images ({', '.join(IMG_EXTENSIONS)}): add images to it or "
+                    "remove it, since every subfolder of data.root is a class"
+                )
+            classes.append(d.name)
+            samples += [(f, label) for f in files]
+        return samples, classes
+    files = sorted(p for p in root.iterdir() if _is_image(p))
+    if not files:
+        raise DataError(
+            f"image folder {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)}): put images in it, "
+            "flat or one subfolder per class"
+        )
+    return [(f, 0) for f in files], []
+
+
+class ImageFolderDataset(Dataset):
+    """Images of :func:`scan_image_folder`; an unreadable file raises :class:`DataError` naming it."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: transforms.Compose, mode: str) -> None:
+        self.samples, self.transform, self.mode = samples, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)  # decodes fully: truncated files fail here
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise DataError(
+                f"cannot read image {str(path)!r} ({type(e).__name__}: {e}): remove or replace the file"
+            ) from None
+        return self.transform(img), label
+
+
+# ------------------------------------------------------------------------------------------------ data module
+class SAGANData(pl.LightningDataModule):
+    """Serves (image in [-1, 1], label) batches for training.
+
+    Args:
+        dataset: 'digits' (built-in, offline), 'cifar10' or 'folder'.
+        root: folder of images (``folder``) or CIFAR-10 root (``cifar10``); unused for ``digits``.
+        resolution: output size R (images are R x R); 32, 64 or 128.
+        channels: 1 (grayscale) or 3 (RGB); None = the data set's own (digits 1, others 3).
+        batch_size: per-process batch size.
+        num_workers: DataLoader workers.
+        download: let torchvision download CIFAR-10 into ``root`` (needs internet).
+        hflip: random horizontal flips (off for digits, whose identity is not flip-invariant).
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["digits", "cifar10", "folder"] = "digits",
+        root: str | None = None,
+        resolution: int = 32,
+        channels: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        download: bool = False,
+        hflip: bool = False,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ConfigError(f"data.dataset {dataset!r} is unknown: choose one of {list(DATASETS)}")
+        check_resolution(resolution)
+        if channels is None:
+            channels = 1 if dataset == "digits" else 3
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if dataset in ("cifar10", "folder") and not root:
+            raise ConfigError(f"data.root is required for dataset {dataset!r}: the folder that holds the images")
+        self.save_hyperparameters()
+        self.dataset, self.root, self.resolution, self.channels = dataset, root, resolution, channels
+        self.batch_size, self.num_workers, self.download, self.hflip = batch_size, num_workers, download, hflip
+        self._samples: list[tuple[Path, int]] = []
+        if dataset == "folder":
+            self._samples, self.classes = scan_image_folder(root)
+        else:
+            self.classes = [str(i) for i in range(10)] if dataset == "digits" else [
+                "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+            ]
+        self.train_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 for an unlabelled folder)."""
+        return len(self.classes)
+
+    def _pil_transform(self) -> transforms.Compose:
+        t: list = [transforms.Resize(self.resolution), transforms.CenterCrop(self.resolution)]
+        if self.hflip:
+            t.append(transforms.RandomHorizontalFlip())
+        t += [transforms.ToTensor(), transforms.Normalize([0.5] * self.channels, [0.5] * self.channels)]
+        return transforms.Compose(t)
+
+    def build_dataset(self, train: bool = True) -> Dataset:
+        """The training (or, where one exists, held-out) set."""
+        if self.dataset == "digits":
+            images8, labels = load_digits_arrays("train" if train else "test")
+            return TensorDataset(digits_to_images(images8, self.resolution, self.channels), labels)
+        if self.dataset == "cifar10":
+            from torchvision.datasets import CIFAR10
+
+            try:
+                ds = CIFAR10(self.root, train=train, download=self.download)
+            except RuntimeError as e:
+                raise DataError(
+                    f"CIFAR-10 not found under data.root={self.root!r} ({e}). Put the extracted "
+                    "'cifar-10-batches-py' folder there, or set data.download: true on a machine with internet"
+                ) from None
+            ds.transform = self._pil_transform() if self.channels == 3 else transforms.Compose(
+                [transforms.Grayscale(), self._pil_transform()]
+            )
+            return ds
+        return ImageFolderDataset(self._samples, self._pil_transform(), "RGB" if self.channels == 3 else "L")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set = self.build_dataset(train=True)
+            if len(self.train_set) < self.batch_size:
+                raise DataError(
+                    f"the training set has {len(self.train_set)} images, fewer than data.batch_size="
+                    f"{self.batch_size}: lower the batch size or add images"
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )

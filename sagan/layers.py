@@ -1,0 +1,170 @@
+"""Building blocks of SAGAN (Zhang et al., "Self-Attention Generative Adversarial Networks", arXiv 1805.08318).
+
+* spectral-norm factories for conv / linear / embedding (Miyato et al., arXiv 1802.05957), built on
+  ``torch.nn.utils.parametrizations.spectral_norm``;
+* :class:`SelfAttention2d`, the non-local block of SAGAN section 3 as in the official code
+  (``sn_non_local_block_sim``): 1x1 SN convs, 2x2 max-pooled keys/values, ``y = gamma * o + x``;
+* :class:`ConditionalBatchNorm2d`, class-conditional BN for the generator (de Vries et al. 2017; Miyato & Koyama 2018).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+SN_EPS = 1e-6
+
+
+def sn_conv2d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: int = 1,
+    padding: int | None = None,
+    bias: bool = True,
+) -> nn.Module:
+    """A ``nn.Conv2d`` whose weight is spectrally normalised (one power iteration per training forward)."""
+    if padding is None:
+        padding = kernel_size // 2
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+    nn.init.xavier_uniform_(conv.weight)
+    if bias:
+        nn.init.zeros_(conv.bias)
+    return spectral_norm(conv, eps=SN_EPS)
+
+
+def sn_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+    """A ``nn.Linear`` whose weight is spectrally normalised."""
+    lin = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.xavier_uniform_(lin.weight)
+    if bias:
+        nn.init.zeros_(lin.bias)
+    return spectral_norm(lin, eps=SN_EPS)
+
+
+def sn_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
+    """A ``nn.Embedding`` whose (num_embeddings, embedding_dim) table is spectrally normalised."""
+    emb = nn.Embedding(num_embeddings, embedding_dim)
+    nn.init.xavier_uniform_(emb.weight)
+    return spectral_norm(emb, eps=SN_EPS)
+
+
+def spectral_norm_modules(module: nn.Module) -> list[nn.Module]:
+    """Every submodule whose ``weight`` is spectrally normalised through ``torch.nn.utils.parametrizations``."""
+    out = []
+    for m in module.modules():
+        plist = getattr(getattr(m, "parametrizations", None), "weight", None)
+        if plist is not None and any(type(p).__name__ == "_SpectralNorm" for p in plist):
+            out.append(m)
+    return out
+
+
+@torch.no_grad()
+def refresh_spectral_norm(module: nn.Module, n_iterations: int = 1) -> None:
+    """Run ``n_iterations`` power iterations on every SN weight of ``module``, whatever its train/eval mode.
+
+    Used for the EMA generator: its averaged weights differ from the online ones, so the singular-vector estimates
+    (``_u``, ``_v`` buffers) are refreshed against the averaged weights before they are used in eval mode.
+    """
+    for m in spectral_norm_modules(module):
+        for p in m.parametrizations.weight:
+            was_training = p.training
+            p.train()
+            for _ in range(n_iterations):
+                _ = m.weight  # training-mode parametrisation forward updates _u and _v in place
+            p.train(was_training)
+
+
+class SelfAttention2d(nn.Module):
+    """SAGAN self-attention block (Zhang et al. 2019, section 3; official ``sn_non_local_block_sim``).
+
+    For x of shape (B, C, H, W) and N = H*W positions::
+
+        f = W_f x   (query, C/8)      g = W_g x   (key, C/8)      h = W_h x   (value, C/2)
+        beta = softmax_keys(f^T g)    (B, N, N_key)               o = W_v (h beta^T)   (back to C)
+        y = gamma * o + x             gamma a learned scalar initialised to 0
+
+    All four 1x1 convs are spectrally normalised and bias-free (as in the official code); with ``pool=True``
+    (default, official) keys and values are 2x2 max-pooled, so N_key = N/4. Unlike transformer attention the
+    logits are *not* scaled by 1/sqrt(d). The default path calls ``F.scaled_dot_product_attention`` (with
+    ``scale=1``), which never materialises the N x N map; ``return_attention=True`` uses the explicit path and also
+    returns the map for visualisation.
+    """
+
+    def __init__(self, channels: int, pool: bool = True, use_sdpa: bool = True) -> None:
+        super().__init__()
+        if channels < 8 or channels % 8 != 0:
+            raise ValueError(f"SelfAttention2d needs channels divisible by 8 (C/8 query/key), got {channels}")
+        self.channels = channels
+        self.pool = pool
+        self.use_sdpa = use_sdpa
+        self.query = sn_conv2d(channels, channels // 8, 1, bias=False)  # f
+        self.key = sn_conv2d(channels, channels // 8, 1, bias=False)  # g
+        self.value = sn_conv2d(channels, channels // 2, 1, bias=False)  # h
+        self.out = sn_conv2d(channels // 2, channels, 1, bias=False)  # v
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2)  # (B, N, C/8)
+        k = self.key(x)
+        v = self.value(x)
+        if self.pool:
+            if h % 2 or w % 2:
+                raise ValueError(f"SelfAttention2d(pool=True) needs even H and W, got {h}x{w}")
+            k = F.max_pool2d(k, 2)
+            v = F.max_pool2d(v, 2)
+        k = k.flatten(2).transpose(1, 2)  # (B, N_key, C/8)
+        v = v.flatten(2).transpose(1, 2)  # (B, N_key, C/2)
+        return q, k, v
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """The attention map beta of shape (B, N_query, N_key); each row sums to 1 over keys."""
+        q, k, _ = self._qkv(x)
+        return torch.softmax(q @ k.transpose(1, 2), dim=-1)  # (B, N, N_key)
+
+    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        b, c, h, w = x.shape
+        q, k, v = self._qkv(x)
+        attn = None
+        if return_attention or not self.use_sdpa:
+            attn = torch.softmax(q @ k.transpose(1, 2), dim=-1)  # (B, N, N_key)
+            o = attn @ v  # (B, N, C/2)
+        else:
+            # (B, 1, N, d) with one head; scale=1 because SAGAN does not scale the logits.
+            o = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0)
+            o = o.squeeze(1)  # (B, N, C/2)
+        o = o.transpose(1, 2).reshape(b, c // 2, h, w)  # (B, C/2, H, W)
+        y = self.gamma * self.out(o) + x
+        if return_attention:
+            return y, attn
+        return y
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Class-conditional BatchNorm: ``BN(x) * (1 + gain[y]) + bias[y]`` with SN class embeddings.
+
+    The normalisation itself has no affine parameters; the per-class gain and bias come from spectrally normalised
+    embeddings (as in StudioGAN's SAGAN/BigGAN generators), the gain centred on 1 so every class starts as plain BN.
+    With ``num_classes == 0`` it is an ordinary affine ``BatchNorm2d`` and ``y`` is ignored.
+    """
+
+    def __init__(self, num_features: int, num_classes: int = 0, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.bn = nn.BatchNorm2d(num_features, affine=num_classes == 0, momentum=momentum, eps=eps)
+        if num_classes > 0:
+            self.gain = sn_embedding(num_classes, num_features)
+            self.bias = sn_embedding(num_classes, num_features)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        out = self.bn(x)
+        if self.num_classes == 0:
+            return out
+        if y is None:
+            raise ValueError("ConditionalBatchNorm2d of a class-conditional model needs class labels y")
+        gain = 1.0 + self.gain(y)[:, :, None, None]  # (B, C, 1, 1)
+        bias = self.bias(y)[:, :, None, None]  # (B, C, 1, 1)
+        return out * gain + bias

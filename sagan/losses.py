@@ -1,0 +1,55 @@
+"""Adversarial losses as pure functions of discriminator logits.
+
+* hinge (Lim & Ye 2017; Miyato et al. 2018), used by SAGAN:
+  L_D = E[relu(1 - D(x))] + E[relu(1 + D(G(z)))],  L_G = -E[D(G(z))]
+* non-saturating (Goodfellow et al. 2014): L_D = E[softplus(-D(x))] + E[softplus(D(G(z)))],
+  L_G = E[softplus(-D(G(z)))]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check(name: str, t: Tensor) -> None:
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of logits (B,), got shape {tuple(t.shape)}")
+
+
+def d_hinge(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    _check("real_logits", real_logits)
+    _check("fake_logits", fake_logits)
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def g_hinge(fake_logits: Tensor) -> Tensor:
+    _check("fake_logits", fake_logits)
+    return -fake_logits.mean()
+
+
+def d_nonsaturating(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    _check("real_logits", real_logits)
+    _check("fake_logits", fake_logits)
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_nonsaturating(fake_logits: Tensor) -> Tensor:
+    _check("fake_logits", fake_logits)
+    return F.softplus(-fake_logits).mean()
+
+
+LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "hinge": (d_hinge, g_hinge),
+    "nonsaturating": (d_nonsaturating, g_nonsaturating),
+}
+
+
+def get_losses(name: str) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(discriminator loss, generator loss) by name: 'hinge' or 'nonsaturating'."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None

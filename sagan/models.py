@@ -1,0 +1,220 @@
+"""SAGAN generator and discriminator (Zhang et al. 2019, arXiv 1805.08318).
+
+ResNet blocks in the SNGAN / BigGAN style (Miyato et al. 2018; Brock et al. 2019): the generator upsamples
+4x4 -> resolution with conditional-BN residual blocks, the discriminator downsamples with ReLU residual blocks,
+sums over positions and adds a class projection (Miyato & Koyama 2018) when class-conditional. Spectral norm on
+every conv, linear and embedding of both networks; :class:`~sagan.layers.SelfAttention2d` after the block(s) whose
+output feature map has a listed resolution. Resolutions 32, 64 and 128 share one code path.
+
+Plain ``nn.Module`` s: nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .layers import ConditionalBatchNorm2d, SelfAttention2d, sn_conv2d, sn_embedding, sn_linear
+
+SUPPORTED_RESOLUTIONS = (32, 64, 128)
+
+# Channel multipliers of the base width ``ch``. Generator: the 4x4 input, then the output of each upsampling block.
+G_CH_MULT = {32: (4, 4, 4, 4), 64: (16, 16, 8, 4, 2), 128: (16, 16, 8, 4, 2, 1)}
+# Discriminator: the output of each block; the first ``D_DOWNSAMPLES[res]`` blocks halve the resolution.
+D_CH_MULT = {32: (2, 2, 2, 2), 64: (1, 2, 4, 8, 16), 128: (1, 2, 4, 8, 16, 16)}
+D_DOWNSAMPLES = {32: 2, 64: 4, 128: 5}
+# Where the paper puts attention: after the 32x32 stage (for 32x32 images, where D never sees 32x32 features
+# after a block, the 16x16 stage).
+DEFAULT_ATTN = {32: (16,), 64: (32,), 128: (32,)}
+
+
+def check_resolution(resolution: int) -> None:
+    if resolution not in SUPPORTED_RESOLUTIONS:
+        raise ConfigError(
+            f"resolution {resolution} is not supported: the models are built for {list(SUPPORTED_RESOLUTIONS)}; "
+            "set data.resolution (and model.resolution) to one of these"
+        )
+
+
+def _check_attn(name: str, attn: Sequence[int], available: Sequence[int]) -> None:
+    bad = [r for r in attn if r not in available]
+    if bad:
+        raise ConfigError(
+            f"{name}: attention resolution(s) {bad} do not occur in this network; "
+            f"its blocks output feature maps of {sorted(set(available))}"
+        )
+
+
+class GBlock(nn.Module):
+    """Generator residual block: CBN-ReLU-up-conv3x3-CBN-ReLU-conv3x3, plus up-conv1x1 shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn1 = ConditionalBatchNorm2d(in_ch, num_classes)
+        self.conv1 = sn_conv2d(in_ch, out_ch, 3)
+        self.bn2 = ConditionalBatchNorm2d(out_ch, num_classes)
+        self.conv2 = sn_conv2d(out_ch, out_ch, 3)
+        self.shortcut = sn_conv2d(in_ch, out_ch, 1, padding=0)
+
+    def forward(self, x: Tensor, y: Tensor | None) -> Tensor:
+        h = F.relu(self.bn1(x, y))
+        h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = self.conv1(h)
+        h = self.conv2(F.relu(self.bn2(h, y)))
+        return h + self.shortcut(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DBlock(nn.Module):
+    """Discriminator residual block (SNGAN). ``first=True`` is the 'optimized' input block without a leading ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, downsample: bool, first: bool = False) -> None:
+        super().__init__()
+        self.first = first
+        self.downsample = downsample
+        self.conv1 = sn_conv2d(in_ch, out_ch, 3)
+        self.conv2 = sn_conv2d(out_ch, out_ch, 3)
+        self.learnable_sc = in_ch != out_ch or downsample
+        if self.learnable_sc:
+            self.shortcut = sn_conv2d(in_ch, out_ch, 1, padding=0)
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        if self.first:  # pool then conv (cheaper, as SNGAN's optimized block)
+            return self.shortcut(F.avg_pool2d(x, 2) if self.downsample else x)
+        if self.learnable_sc:
+            x = self.shortcut(x)
+        return F.avg_pool2d(x, 2) if self.downsample else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x if self.first else F.relu(x)
+        h = self.conv2(F.relu(self.conv1(h)))
+        if self.downsample:
+            h = F.avg_pool2d(h, 2)
+        return h + self._shortcut(x)
+
+
+class Generator(nn.Module):
+    """SAGAN ResNet generator: z (B, z_dim) [+ class y (B,)] -> image (B, img_channels, R, R) in [-1, 1]."""
+
+    def __init__(
+        self,
+        resolution: int = 32,
+        z_dim: int = 128,
+        ch: int = 64,
+        ch_mult: Sequence[int] | None = None,
+        attn_resolutions: Sequence[int] | None = None,
+        num_classes: int = 0,
+        img_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        check_resolution(resolution)
+        n_blocks = int(math.log2(resolution // 4))
+        mult = tuple(ch_mult) if ch_mult is not None else G_CH_MULT[resolution]
+        if len(mult) != n_blocks + 1:
+            raise ConfigError(
+                f"generator ch_mult must have {n_blocks + 1} entries for resolution {resolution} "
+                f"(the 4x4 input and {n_blocks} upsampling blocks), got {list(mult)}"
+            )
+        attn = tuple(attn_resolutions) if attn_resolutions is not None else DEFAULT_ATTN[resolution]
+        block_res = [4 * 2 ** (i + 1) for i in range(n_blocks)]
+        _check_attn("generator", attn, block_res)
+        self.resolution, self.z_dim, self.num_classes, self.img_channels = resolution, z_dim, num_classes, img_channels
+        chans = [ch * m for m in mult]
+        self.linear = sn_linear(z_dim, chans[0] * 4 * 4)
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()  # block index -> attention after that block
+        self.attn_resolution: dict[str, int] = {}
+        for i in range(n_blocks):
+            self.blocks.append(GBlock(chans[i], chans[i + 1], num_classes))
+            if block_res[i] in attn:
+                self.attn[str(i)] = SelfAttention2d(chans[i + 1])
+                self.attn_resolution[str(i)] = block_res[i]
+        self.out_bn = nn.BatchNorm2d(chans[-1])
+        self.out_conv = sn_conv2d(chans[-1], img_channels, 3)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def forward(
+        self, z: Tensor, y: Tensor | None = None, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        if self.conditional and y is None:
+            raise ValueError("this generator is class-conditional: pass class labels y of shape (B,)")
+        maps: dict[int, Tensor] = {}
+        h = self.linear(z).view(z.shape[0], -1, 4, 4)  # (B, C0, 4, 4)
+        for i, block in enumerate(self.blocks):
+            h = block(h, y if self.conditional else None)
+            if str(i) in self.attn:
+                if return_attention:
+                    h, maps[h.shape[-1]] = self.attn[str(i)](h, return_attention=True)
+                else:
+                    h = self.attn[str(i)](h)
+        img = torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
+        return (img, maps) if return_attention else img
+
+
+class Discriminator(nn.Module):
+    """SAGAN ResNet discriminator with projection: image (B, C, R, R) [+ y (B,)] -> logits (B,)."""
+
+    def __init__(
+        self,
+        resolution: int = 32,
+        ch: int = 64,
+        ch_mult: Sequence[int] | None = None,
+        attn_resolutions: Sequence[int] | None = None,
+        num_classes: int = 0,
+        img_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        check_resolution(resolution)
+        n_down = D_DOWNSAMPLES[resolution]
+        mult = tuple(ch_mult) if ch_mult is not None else D_CH_MULT[resolution]
+        if len(mult) < n_down:
+            raise ConfigError(
+                f"discriminator ch_mult needs at least {n_down} entries for resolution {resolution} "
+                f"(one per downsampling block), got {list(mult)}"
+            )
+        attn = tuple(attn_resolutions) if attn_resolutions is not None else DEFAULT_ATTN[resolution]
+        block_res = [resolution // 2 ** min(i + 1, n_down) for i in range(len(mult))]
+        _check_attn("discriminator", attn, block_res)
+        self.resolution, self.num_classes, self.img_channels = resolution, num_classes, img_channels
+        chans = [img_channels] + [ch * m for m in mult]
+        self.blocks = nn.ModuleList()
+        self.attn = nn.ModuleDict()  # block index -> attention after that block
+        self.attn_resolution: dict[str, int] = {}
+        for i in range(len(mult)):
+            self.blocks.append(DBlock(chans[i], chans[i + 1], downsample=i < n_down, first=i == 0))
+            if block_res[i] in attn and block_res[i] not in self.attn_resolution.values():  # once per resolution
+                self.attn[str(i)] = SelfAttention2d(chans[i + 1])
+                self.attn_resolution[str(i)] = block_res[i]
+        self.linear = sn_linear(chans[-1], 1)
+        if num_classes > 0:
+            self.embed = sn_embedding(num_classes, chans[-1])
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.conditional and y is None:
+            raise ValueError("this discriminator is class-conditional: pass class labels y of shape (B,)")
+        h = x
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if str(i) in self.attn:
+                h = self.attn[str(i)](h)
+        h = F.relu(h).sum(dim=(2, 3))  # (B, C) global sum pooling
+        out = self.linear(h).squeeze(1)  # (B,)
+        if self.conditional:
+            out = out + (self.embed(y) * h).sum(dim=1)  # projection term <embed(y), h>
+        return out
+
+
+def attention_layers(model: Generator | Discriminator) -> dict[int, SelfAttention2d]:
+    """The attention blocks of a model keyed by the resolution of the feature map they attend over."""
+    return {model.attn_resolution[k]: layer for k, layer in model.attn.items()}

@@ -1,0 +1,214 @@
+"""The SAGAN LightningModule: hinge loss, TTUR, n_dis, EMA generator, fixed sample noise.
+
+Training follows SAGAN (Zhang et al. 2019, arXiv 1805.08318) section 5: spectral norm in both networks, the
+two time-scale update rule (Heusel et al. 2017; lr_D = 4e-4, lr_G = 1e-4, Adam betas (0, 0.9)), hinge loss.
+
+Manual optimisation. Every batch is one discriminator step (real and fake images through D in one concatenated
+forward); every ``n_dis``-th batch is followed by one generator step with fresh latents, after which the EMA copy of
+G (``torch.optim.swa_utils.AveragedModel``) is updated. One *iteration* is one G step. Note that Lightning's
+``trainer.global_step`` (and so ``trainer.max_steps``) counts optimizer steps: ``n_dis + 1`` per iteration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.utils import make_grid
+
+from .errors import ConfigError
+from .layers import refresh_spectral_norm
+from .losses import get_losses
+from .models import Discriminator, Generator, attention_layers
+
+
+class _WarmupEMA:
+    """multi_avg_fn for ``AveragedModel``: EMA with decay ``min(decay, (1 + n) / (10 + n))`` (n = updates so far).
+
+    The warm-up keeps the EMA close to G early in training, when a fixed 0.999 would average in the random init.
+    """
+
+    def __init__(self, decay: float, warmup: bool) -> None:
+        self.decay, self.warmup = decay, warmup
+
+    def __call__(self, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
+        decay = self.decay
+        if self.warmup:
+            n = float(num_averaged)
+            decay = min(decay, (1.0 + n) / (10.0 + n))
+        get_ema_multi_avg_fn(decay)(ema_params, params, num_averaged)
+
+
+class SAGAN(pl.LightningModule):
+    """Self-Attention GAN training.
+
+    Args:
+        resolution: image size (32, 64 or 128); linked from the data module by the CLI.
+        img_channels: image channels (1 for grayscale, 3 for RGB); linked from the data module by the CLI.
+        num_classes: number of classes of the data (0 = unlabelled); linked from the data module by the CLI.
+        conditional: train class-conditionally (conditional BN in G, projection D) when the data has classes.
+        z_dim: latent size.
+        g_ch, d_ch: base channel widths of G and D.
+        g_ch_mult, d_ch_mult: channel multipliers per stage (None = preset for the resolution, see ``models``).
+        g_attn, d_attn: feature-map resolutions after which G / D have a self-attention block (None = preset).
+        loss: 'hinge' (SAGAN) or 'nonsaturating'.
+        n_dis: discriminator steps per generator step.
+        lr_g, lr_d: Adam learning rates (TTUR).
+        betas_g, betas_d: Adam betas.
+        ema_decay: decay of the EMA generator; ``ema_warmup`` ramps it up as (1+n)/(10+n).
+        sample_per_class: samples per class row in the fixed-noise grid (conditional models).
+        sample_num: number of samples in the fixed-noise grid of unconditional models.
+        sample_seed: seed of the fixed sample noise (stored in the checkpoint, so grids stay comparable on resume).
+    """
+
+    def __init__(
+        self,
+        resolution: int = 32,
+        img_channels: int = 3,
+        num_classes: int = 0,
+        conditional: bool = True,
+        z_dim: int = 128,
+        g_ch: int = 64,
+        d_ch: int = 64,
+        g_ch_mult: Sequence[int] | None = None,
+        d_ch_mult: Sequence[int] | None = None,
+        g_attn: Sequence[int] | None = None,
+        d_attn: Sequence[int] | None = None,
+        loss: Literal["hinge", "nonsaturating"] = "hinge",
+        n_dis: int = 1,
+        lr_g: float = 1e-4,
+        lr_d: float = 4e-4,
+        betas_g: tuple[float, float] = (0.0, 0.9),
+        betas_d: tuple[float, float] = (0.0, 0.9),
+        ema_decay: float = 0.999,
+        ema_warmup: bool = True,
+        sample_per_class: int = 10,
+        sample_num: int = 64,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if n_dis < 1:
+            raise ConfigError(f"model.n_dis must be >= 1, got {n_dis}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        n_cls = num_classes if conditional else 0
+        self.num_classes = n_cls
+        self.z_dim = z_dim
+        self.n_dis = n_dis
+        self.generator = Generator(resolution, z_dim, g_ch, g_ch_mult, g_attn, n_cls, img_channels)
+        self.discriminator = Discriminator(resolution, d_ch, d_ch_mult, d_attn, n_cls, img_channels)
+        self.g_ema = AveragedModel(self.generator, multi_avg_fn=_WarmupEMA(ema_decay, ema_warmup), use_buffers=False)
+        self.g_ema.requires_grad_(False)
+        self.d_loss_fn, self.g_loss_fn = get_losses(loss)
+        self.d_steps = 0  # discriminator updates so far
+        self.g_steps = 0  # generator updates (= iterations) so far
+
+        # Fixed sample noise, a persistent buffer: identical grids across steps and resumes.
+        gen = torch.Generator().manual_seed(sample_seed)
+        if n_cls > 0:
+            rows = min(n_cls, 10)
+            classes = torch.linspace(0, n_cls - 1, rows).round().long()
+            sample_y = classes.repeat_interleave(sample_per_class)  # row r = class classes[r]
+            self.sample_nrow = sample_per_class
+        else:
+            sample_y = torch.zeros(sample_num, dtype=torch.long)
+            self.sample_nrow = max(1, int(sample_num**0.5))
+        self.register_buffer("sample_z", torch.randn(len(sample_y), z_dim, generator=gen))
+        self.register_buffer("sample_y", sample_y)
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def sample_latents(self, n: int) -> tuple[Tensor, Tensor | None]:
+        """Random latents z ~ N(0, I) and, for conditional models, uniform class labels."""
+        z = torch.randn(n, self.z_dim, device=self.device)
+        y = torch.randint(0, self.num_classes, (n,), device=self.device) if self.conditional else None
+        return z, y
+
+    def ema_generator(self) -> Generator:
+        """The EMA generator in eval mode, its spectral-norm vectors refreshed against the averaged weights."""
+        g = self.g_ema.module
+        g.eval()
+        refresh_spectral_norm(g, n_iterations=1)
+        return g
+
+    @torch.no_grad()
+    def sample_grid(self, ema: bool = True) -> Tensor:
+        """The fixed-noise grid (C, H, W) in [0, 1]; rows are classes for conditional models."""
+        g = self.ema_generator() if ema else self.generator
+        was_training = g.training
+        g.eval()
+        imgs = [
+            g(z, y if self.conditional else None)
+            for z, y in zip(self.sample_z.split(100), self.sample_y.split(100), strict=True)
+        ]
+        g.train(was_training)
+        return make_grid(torch.cat(imgs).float().cpu(), nrow=self.sample_nrow, normalize=True, value_range=(-1, 1))
+
+    # ---------------------------------------------------------------------------------------------- training
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=tuple(hp.betas_g))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(hp.betas_d))
+        return [opt_g, opt_d]
+
+    def d_step(self, x: Tensor, y: Tensor | None) -> dict[str, Tensor]:
+        """One discriminator update on a real batch; G is only run forward (no gradients)."""
+        _, opt_d = self.optimizers()
+        b = x.shape[0]
+        z, y_fake = self.sample_latents(b)
+        with torch.no_grad():
+            fake = self.generator(z, y_fake)
+        labels = torch.cat([y, y_fake]) if self.conditional else None
+        logits = self.discriminator(torch.cat([x, fake]), labels)  # one forward for real and fake: (2B,)
+        d_real, d_fake = logits[:b], logits[b:]
+        loss_d = self.d_loss_fn(d_real, d_fake)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.d_steps += 1
+        return {"loss_d": loss_d.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
+
+    def g_step(self, batch_size: int) -> dict[str, Tensor]:
+        """One generator update; D's parameters are frozen (toggled off) and receive no gradient."""
+        opt_g, _ = self.optimizers()
+        self.toggle_optimizer(opt_g)
+        z, y_fake = self.sample_latents(batch_size)
+        loss_g = self.g_loss_fn(self.discriminator(self.generator(z, y_fake), y_fake))
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        self.g_ema.update_parameters(self.generator)
+        self.g_steps += 1
+        return {"loss_g": loss_g.detach()}
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        if not self.conditional:
+            y = None
+        logs = self.d_step(x, y)
+        if self.d_steps % self.n_dis == 0:
+            logs.update(self.g_step(x.shape[0]))
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=x.shape[0])
+        gammas = {f"attention/gamma_G{r}": m.gamma.detach() for r, m in attention_layers(self.generator).items()}
+        gammas.update({f"attention/gamma_D{r}": m.gamma.detach() for r, m in attention_layers(self.discriminator).items()})
+        self.log_dict(gammas, batch_size=x.shape[0])
+        self.log("train/iteration", float(self.g_steps), batch_size=x.shape[0])
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sagan"] = {"d_steps": self.d_steps, "g_steps": self.g_steps, "format": 1}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("sagan", {})
+        self.d_steps = int(state.get("d_steps", 0))
+        self.g_steps = int(state.get("g_steps", 0))

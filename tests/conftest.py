@@ -1,0 +1,46 @@
+"""Shared fixtures: CPU only, offline W&B, small images written on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Command-line overrides that make any config tiny and quick (CPU, a few steps, no progress bar).
+TINY = [
+    "--model.g_ch", "8", "--model.d_ch", "8", "--model.z_dim", "16",
+    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+    "--trainer.log_every_n_steps", "1",
+]
+
+
+def write_images(folder: Path, n: int, size: int = 40, mode: str = "RGB", seed: int = 0) -> list[Path]:
+    """n random PNG images of size x size in folder."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        p = folder / f"img_{i:03d}.png"
+        Image.fromarray(arr, mode=mode).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "classes"
+    write_images(root / "cat", 10, seed=1)
+    write_images(root / "dog", 10, seed=2)
+    return root

@@ -1,0 +1,126 @@
+"""The real entry point, end to end: config parsing, a few-step fit, and one-line errors for user mistakes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sagan.cli import main
+from sagan.sampling import generator_from_checkpoint
+
+from conftest import REPO, TINY, write_images
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"digits.yaml", "cifar10.yaml", "celeba64.yaml"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    assert run_cli(["fit", "--config", str(config), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["loss"] in ("hinge", "nonsaturating")
+    assert printed["data"]["resolution"] in (32, 64, 128)
+    assert printed["trainer"]["default_root_dir"].endswith(printed["experiment"])
+
+
+def test_fit_end_to_end_writes_checkpoint_samples_and_config(tmp_path, capsys):
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
+            "--experiment", "e2e", *TINY, "--trainer.max_steps", "6", "--samples.every_n_steps", "2",
+            "--data.batch_size", "8"]
+    assert run_cli(args) == 0
+    run = tmp_path / "e2e"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000003.png"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["g_ch"] == 8 and saved["model"]["num_classes"] == 10
+    out = capsys.readouterr()
+    assert "checkpoint:" in out.out + out.err and str(ckpt) in out.out + out.err
+    g = generator_from_checkpoint(ckpt)
+    img = g(torch.randn(3, 16), torch.tensor([0, 5, 9]))
+    assert img.shape == (3, 1, 32, 32)
+
+
+def test_fit_on_class_folder_links_classes_and_channels(tmp_path, class_folder):
+    args = ["fit", "--config", str(REPO / "configs/celeba64.yaml"), "--output_root", str(tmp_path),
+            "--experiment", "folder", *TINY, "--data.root", str(class_folder), "--data.resolution", "32",
+            "--data.num_workers", "0", "--data.batch_size", "4", "--model.conditional", "true",
+            "--model.g_attn", "[16]", "--model.d_attn", "[16]", "--trainer.max_steps", "2"]
+    assert run_cli(args) == 0
+    saved = yaml.safe_load((tmp_path / "folder" / "config.yaml").read_text())
+    assert saved["model"]["num_classes"] == 2 and saved["model"]["img_channels"] == 3
+    assert (tmp_path / "folder" / "checkpoints" / "last.ckpt").is_file()
+
+
+def _one_line_error(capsys, *needles: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    cfg = yaml.safe_load((REPO / "configs/digits.yaml").read_text())
+    cfg["model"]["attention_heads"] = 4
+    bad.write_text(yaml.safe_dump(cfg))
+    assert run_cli(["fit", "--config", str(bad)]) == 2
+    _one_line_error(capsys, "attention_heads")
+
+
+def test_wrong_type_is_one_clear_error(capsys):
+    assert run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--model.n_dis", "many"]) == 2
+    _one_line_error(capsys, "n_dis")
+
+
+def test_unsupported_resolution_is_one_clear_error(tmp_path, capsys):
+    code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
+                    "--data.resolution", "48"])
+    assert code == 2
+    _one_line_error(capsys, "resolution 48 is not supported", "[32, 64, 128]")
+
+
+def test_missing_image_folder_is_one_clear_error(tmp_path, capsys):
+    code = run_cli(["fit", "--config", str(REPO / "configs/celeba64.yaml"), "--output_root", str(tmp_path),
+                    "--data.root", str(tmp_path / "missing")])
+    assert code == 2
+    _one_line_error(capsys, "missing", "does not exist", "data.root")
+
+
+def test_empty_image_folder_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = run_cli(["fit", "--config", str(REPO / "configs/celeba64.yaml"), "--output_root", str(tmp_path),
+                    "--data.root", str(tmp_path / "empty")])
+    assert code == 2
+    _one_line_error(capsys, "holds no images")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_stops_with_one_error_and_keeps_checkpoint(tmp_path, capsys, workers):
+    data = tmp_path / "imgs"
+    paths = write_images(data, 8, size=32)
+    common = ["fit", "--config", str(REPO / "configs/celeba64.yaml"), "--output_root", str(tmp_path),
+              "--experiment", "run", *TINY, "--data.root", str(data), "--data.resolution", "32",
+              "--data.batch_size", "8", "--data.num_workers", str(workers), "--model.g_attn", "[16]",
+              "--model.d_attn", "[16]", "--trainer.max_steps", "2"]
+    assert run_cli(common) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    paths[5].write_bytes(b"\x89PNG garbage")
+    capsys.readouterr()
+    assert run_cli(common) == 2
+    _one_line_error(capsys, "img_005.png", "remove or replace")
+    assert ckpt.read_bytes() == before  # nothing already written is lost
+    generator_from_checkpoint(ckpt)

@@ -1,0 +1,113 @@
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sagan.errors import ConfigError
+from sagan.layers import SelfAttention2d, refresh_spectral_norm
+from sagan.models import Discriminator, Generator, attention_layers
+
+
+def _small(resolution: int, num_classes: int, img_channels: int = 3):
+    torch.manual_seed(0)
+    g = Generator(resolution, z_dim=16, ch=8, num_classes=num_classes, img_channels=img_channels)
+    d = Discriminator(resolution, ch=8, num_classes=num_classes, img_channels=img_channels)
+    return g, d
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128])
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_shapes_for_every_resolution(resolution, num_classes):
+    g, d = _small(resolution, num_classes)
+    z = torch.randn(2, 16)
+    y = torch.tensor([0, 4]) if num_classes else None
+    img = g(z, y)
+    assert img.shape == (2, 3, resolution, resolution)
+    assert img.abs().max() <= 1.0
+    assert d(img, y).shape == (2,)
+    # the paper's placement: attention after the 32x32 stage (16x16 for 32x32 images) in both networks
+    expected = {32: [16], 64: [32], 128: [32]}[resolution]
+    assert list(attention_layers(g)) == expected
+    assert list(attention_layers(d)) == expected
+
+
+def test_grayscale_and_custom_widths_and_attention():
+    g = Generator(32, z_dim=16, ch=8, ch_mult=[4, 2, 2, 1], attn_resolutions=[8, 32], num_classes=3, img_channels=1)
+    d = Discriminator(32, ch=8, ch_mult=[1, 2, 2], attn_resolutions=[16, 8], num_classes=3, img_channels=1)
+    y = torch.tensor([0, 2])
+    img, maps = g(torch.randn(2, 16), y, return_attention=True)
+    assert img.shape == (2, 1, 32, 32)
+    assert set(maps) == {8, 32} and maps[32].shape == (2, 32 * 32, 16 * 16)
+    assert d(img, y).shape == (2,)
+    assert sorted(attention_layers(d)) == [8, 16]
+
+
+def test_every_conv_linear_embedding_is_spectrally_normalised():
+    for net in _small(64, 10):
+        layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))]
+        assert layers
+        for m in layers:
+            assert parametrize.is_parametrized(m, "weight"), f"{m} lacks spectral norm"
+
+
+def test_all_weights_have_unit_spectral_norm_after_power_iteration():
+    g, d = _small(32, 10)
+    for net in (g, d):
+        refresh_spectral_norm(net, n_iterations=60)
+        net.eval()
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                w = m.weight.reshape(m.weight.shape[0], -1)
+                assert abs(float(torch.linalg.matrix_norm(w, ord=2)) - 1.0) < 2e-2
+
+
+def test_conditional_models_need_labels():
+    g, d = _small(32, 10)
+    with pytest.raises(ValueError, match="class-conditional"):
+        g(torch.randn(2, 16))
+    with pytest.raises(ValueError, match="class-conditional"):
+        d(torch.randn(2, 3, 32, 32))
+
+
+def test_labels_change_conditional_outputs():
+    g, d = _small(32, 10)
+    g.eval()
+    z = torch.randn(1, 16).repeat(2, 1)
+    img = g(z, torch.tensor([1, 7]))
+    assert not torch.allclose(img[0], img[1])
+    x = torch.randn(1, 3, 32, 32).repeat(2, 1, 1, 1)
+    out = d(x, torch.tensor([1, 7]))
+    assert out[0] != out[1]
+
+
+def test_eval_generator_is_independent_of_batch_size():
+    g, _ = _small(32, 10)
+    g.eval()
+    z = torch.randn(7, 16)
+    y = torch.arange(7)
+    full = g(z, y)
+    singles = torch.cat([g(z[i : i + 1], y[i : i + 1]) for i in range(7)])
+    torch.testing.assert_close(full, singles, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("resolution", [16, 48, 256])
+def test_unsupported_resolution_is_a_clear_error(resolution):
+    with pytest.raises(ConfigError, match=r"resolution .* not supported.*\[32, 64, 128\]"):
+        Generator(resolution)
+    with pytest.raises(ConfigError, match="not supported"):
+        Discriminator(resolution)
+
+
+def test_unreachable_attention_resolution_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"attention resolution\(s\) \[64\]"):
+        Generator(32, attn_resolutions=[64])
+    with pytest.raises(ConfigError, match=r"\[32\] do not occur"):
+        Discriminator(32, attn_resolutions=[32])
+    with pytest.raises(ConfigError, match="ch_mult"):
+        Generator(32, ch_mult=[4, 4])
+
+
+def test_attention_blocks_start_at_gamma_zero():
+    g, d = _small(64, 0)
+    blocks = [m for m in [*g.modules(), *d.modules()] if isinstance(m, SelfAttention2d)]
+    assert len(blocks) == 2 and all(float(b.gamma) == 0.0 for b in blocks)

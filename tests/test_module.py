@@ -1,0 +1,141 @@
+import copy
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sagan.module import SAGAN
+
+
+def _model(**kw) -> SAGAN:
+    args = dict(resolution=32, img_channels=1, num_classes=4, z_dim=16, g_ch=8, d_ch=8)
+    args.update(kw)
+    return SAGAN(**args)
+
+
+def _loader(n: int = 16, batch: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 32, 32, generator=g) * 2 - 1
+    y = torch.randint(0, 4, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def _fit(model: SAGAN, max_steps: int, tmp_path) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(model, _loader())
+    return trainer
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def _changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.named_parameters() if not torch.equal(before[k], v.detach())}
+
+
+def test_discriminator_step_changes_d_but_not_g(tmp_path):
+    torch.manual_seed(0)
+    model = _model(n_dis=2)
+    g0, d0 = _params(model.generator), _params(model.discriminator)
+    _fit(model, max_steps=1, tmp_path=tmp_path)  # one optimizer step: a D step (n_dis=2, no G step yet)
+    assert model.d_steps == 1 and model.g_steps == 0
+    assert _changed(g0, model.generator) == set()
+    # every D parameter moved, except the attention convs behind gamma = 0, which get no gradient yet
+    expected = {k for k in d0 if not k.startswith("attn.") or k.endswith("gamma")}
+    assert _changed(d0, model.discriminator) == expected
+
+
+def test_generator_step_changes_g_but_not_d(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = _model(n_dis=1)
+    seen = {}
+    orig = SAGAN.g_step
+
+    def spy(self, batch_size):
+        d_before, g_before = _params(self.discriminator), _params(self.generator)
+        grads_before = [None if p.grad is None else p.grad.clone() for p in self.discriminator.parameters()]
+        out = orig(self, batch_size)
+        seen["d_changed"] = _changed(d_before, self.discriminator)
+        seen["g_changed"] = _changed(g_before, self.generator)
+        seen["d_grads_same"] = all(
+            (a is None and p.grad is None) or (a is not None and torch.equal(a, p.grad))
+            for a, p in zip(grads_before, self.discriminator.parameters())
+        )
+        return out
+
+    monkeypatch.setattr(SAGAN, "g_step", spy)
+    _fit(model, max_steps=2, tmp_path=tmp_path)  # D step then G step
+    assert model.d_steps == 1 and model.g_steps == 1
+    assert seen["d_changed"] == set()
+    g_names = set(_params(model.generator))
+    assert seen["g_changed"] == {k for k in g_names if not k.startswith("attn.") or k.endswith("gamma")}
+    assert seen["d_grads_same"]  # D's parameters were frozen: the G loss added no gradient to them
+
+
+def test_n_dis_schedule_and_ema(tmp_path):
+    torch.manual_seed(0)
+    model = _model(n_dis=3, ema_decay=0.999)
+    trainer = _fit(model, max_steps=8, tmp_path=tmp_path)  # 8 optimizer steps = 2 iterations of 3 D + 1 G
+    assert trainer.global_step == 8
+    assert model.d_steps == 6 and model.g_steps == 2
+    # EMA: first update copies G, second blends with warm-up decay (1 + 1) / (10 + 1)
+    assert int(model.g_ema.n_averaged) == 2
+    ema = dict(model.g_ema.module.named_parameters())
+    g = dict(model.generator.named_parameters())
+    name = "linear.parametrizations.weight.original"
+    assert not torch.equal(ema[name], g[name])
+
+
+def test_ema_follows_warmup_formula():
+    torch.manual_seed(0)
+    model = _model()
+    w = model.generator.linear.parametrizations.weight.original
+    model.g_ema.update_parameters(model.generator)  # copy
+    first = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)
+    model.g_ema.update_parameters(model.generator)
+    decay = 2.0 / 11.0
+    expected = decay * first + (1 - decay) * w.detach()
+    torch.testing.assert_close(model.g_ema.module.linear.parametrizations.weight.original, expected)
+
+
+def test_fixed_sample_noise_rows_are_classes_and_persist():
+    model = _model(num_classes=4, sample_per_class=3)
+    assert model.sample_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    again = _model(num_classes=4, sample_per_class=3)
+    assert torch.equal(model.sample_z, again.sample_z)  # same seed -> same noise
+    assert "sample_z" in model.state_dict() and "sample_y" in model.state_dict()
+    grid = model.sample_grid()
+    assert grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1
+    unconditional = _model(conditional=False, sample_num=16)
+    assert unconditional.num_classes == 0 and unconditional.sample_z.shape == (16, 16)
+
+
+def test_unconditional_training_ignores_labels(tmp_path):
+    torch.manual_seed(0)
+    model = _model(conditional=False)
+    assert not hasattr(model.discriminator, "embed")
+    _fit(model, max_steps=2, tmp_path=tmp_path)
+    assert model.g_steps == 1
+
+
+def test_checkpoint_roundtrip_keeps_counters_and_noise(tmp_path):
+    torch.manual_seed(0)
+    model = _model(n_dis=1)
+    trainer = _fit(model, max_steps=4, tmp_path=tmp_path)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["sagan"]["g_steps"] == 2
+    restored = SAGAN(**ckpt["hyper_parameters"])
+    restored.load_state_dict(ckpt["state_dict"])
+    restored.on_load_checkpoint(ckpt)
+    assert restored.g_steps == 2 and restored.d_steps == 2
+    assert torch.equal(restored.sample_z, model.sample_z)
+    for (k, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), k
