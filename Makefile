@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sagan fit --config configs/digits.yaml
+	$(BIN)/sagan fit --config configs/digits.yaml --overwrite true
 	$(BIN)/python scripts/digits_accuracy.py outputs/digits/checkpoints/last.ckpt
 
 test: $(STAMP)

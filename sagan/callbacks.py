@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
 from torchvision.utils import save_image
 
 
@@ -38,7 +37,7 @@ class SampleGrid(pl.Callback):
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"step_{step:06d}.png"
         save_image(grid, path)
-        self.last_path = path
+        self.last_path = path.resolve()
         return path
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
@@ -63,4 +62,5 @@ class RunSummary(pl.Callback):
             lines.append(f"  checkpoint:  {last_ckpt}")
         if grids:
             lines.append(f"  sample grid: {grids[-1]}")
-        rank_zero_info("\n".join(lines))
+        if trainer.is_global_zero:
+            print("\n".join(lines), flush=True)

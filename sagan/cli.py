@@ -55,10 +55,21 @@ class SaveRunConfig(SaveConfigCallback):
         self.parser.save(self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True)
 
 
+class _Parser(LightningArgumentParser):
+    """On a bad argument or config key, print the error and the --help tip only, not the full usage."""
+
+    def print_usage(self, file=None) -> None:  # noqa: ARG002
+        pass
+
+
 class SAGANCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="sagan", help="run name: outputs go to OUTPUT_ROOT/EXPERIMENT")
         parser.add_argument("--output_root", type=str, default="outputs", help="folder that holds all runs")
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="start a fresh run even if OUTPUT_ROOT/EXPERIMENT already holds a checkpoint (it is replaced)",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.every_n_train_steps": 1000})
@@ -73,6 +84,18 @@ class SAGANCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand != "fit":
+            return
+        cfg = self.config[self.subcommand]
+        last = Path(_ckpt_dir(cfg.output_root, cfg.experiment)) / "last.ckpt"
+        if cfg.ckpt_path is None and last.exists() and not cfg.overwrite:
+            raise SaganError(
+                f"{last} already exists: resume that run with --ckpt_path last, choose another --experiment, "
+                "or pass --overwrite true to start afresh and replace it"
+            )
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sagan`` console script."""
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -81,6 +104,7 @@ def main(args: list[str] | None = None) -> None:
             SAGAN,
             SAGANData,
             save_config_callback=SaveRunConfig,
+            parser_class=_Parser,
             args=args,
             auto_configure_optimizers=False,
         )

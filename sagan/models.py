@@ -37,7 +37,7 @@ def check_resolution(resolution: int) -> None:
     if resolution not in SUPPORTED_RESOLUTIONS:
         raise ConfigError(
             f"resolution {resolution} is not supported: the models are built for {list(SUPPORTED_RESOLUTIONS)}; "
-            "set data.resolution (and model.resolution) to one of these"
+            "set data.resolution to one of these"
         )
 
 

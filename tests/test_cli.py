@@ -32,7 +32,8 @@ def test_every_config_parses(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["loss"] in ("hinge", "nonsaturating")
     assert printed["data"]["resolution"] in (32, 64, 128)
-    assert printed["trainer"]["default_root_dir"].endswith(printed["experiment"])
+    assert printed["experiment"] == config.stem
+    assert printed["trainer"]["max_steps"] > 0
 
 
 def test_fit_end_to_end_writes_checkpoint_samples_and_config(tmp_path, capsys):
@@ -45,7 +46,9 @@ def test_fit_end_to_end_writes_checkpoint_samples_and_config(tmp_path, capsys):
     assert ckpt.is_file()
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000003.png"]
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["g_ch"] == 8 and saved["model"]["num_classes"] == 10
+    assert saved["model"]["g_ch"] == 8 and saved["data"]["dataset"] == "digits"
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert hparams["num_classes"] == 10 and hparams["img_channels"] == 1 and hparams["resolution"] == 32
     out = capsys.readouterr()
     assert "checkpoint:" in out.out + out.err and str(ckpt) in out.out + out.err
     g = generator_from_checkpoint(ckpt)
@@ -59,9 +62,9 @@ def test_fit_on_class_folder_links_classes_and_channels(tmp_path, class_folder):
             "--data.num_workers", "0", "--data.batch_size", "4", "--model.conditional", "true",
             "--model.g_attn", "[16]", "--model.d_attn", "[16]", "--trainer.max_steps", "2"]
     assert run_cli(args) == 0
-    saved = yaml.safe_load((tmp_path / "folder" / "config.yaml").read_text())
-    assert saved["model"]["num_classes"] == 2 and saved["model"]["img_channels"] == 3
-    assert (tmp_path / "folder" / "checkpoints" / "last.ckpt").is_file()
+    ckpt = tmp_path / "folder" / "checkpoints" / "last.ckpt"
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert hparams["num_classes"] == 2 and hparams["img_channels"] == 3 and hparams["resolution"] == 32
 
 
 def _one_line_error(capsys, *needles: str) -> None:
@@ -118,9 +121,23 @@ def test_unreadable_image_stops_with_one_error_and_keeps_checkpoint(tmp_path, ca
     assert run_cli(common) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     before = ckpt.read_bytes()
-    paths[5].write_bytes(b"\x89PNG garbage")
     capsys.readouterr()
-    assert run_cli(common) == 2
+    assert run_cli(common) == 2  # a second fresh run would replace the checkpoint: refused
+    _one_line_error(capsys, "last.ckpt already exists", "--ckpt_path last", "--overwrite true")
+    paths[5].write_bytes(b"\x89PNG garbage")
+    assert run_cli([*common, "--overwrite", "true"]) == 2
     _one_line_error(capsys, "img_005.png", "remove or replace")
     assert ckpt.read_bytes() == before  # nothing already written is lost
     generator_from_checkpoint(ckpt)
+
+
+def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
+    common = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
+              "--experiment", "resume", *TINY, "--data.batch_size", "8", "--samples.every_n_steps", "0"]
+    assert run_cli([*common, "--trainer.max_steps", "4"]) == 0
+    ckpt = tmp_path / "resume" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["sagan"]["g_steps"] == 2
+    assert run_cli([*common, "--trainer.max_steps", "8", "--ckpt_path", "last"]) == 0
+    state = torch.load(ckpt, weights_only=True)
+    assert state["sagan"] == {"d_steps": 4, "g_steps": 4, "format": 1}
+    assert state["global_step"] == 8
