@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torchvision.utils import save_image
+
+from .errors import SaganError
 
 
 class SampleGrid(pl.Callback):
@@ -64,3 +67,135 @@ class RunSummary(pl.Callback):
             lines.append(f"  sample grid: {grids[-1]}")
         if trainer.is_global_zero:
             print("\n".join(lines), flush=True)
+
+
+class FIDEvaluation(pl.Callback):
+    """FID (and optionally IS / KID) of the EMA generator every ``every_n_steps`` iterations, through torch-fidelity.
+
+    Computed once, on rank 0, and broadcast so every rank agrees (and none waits forever); logged as ``val/fid``,
+    ``val/isc``, ``val/kid`` ... with the best FID so far as ``val/fid_best``. When FID improves the full training
+    state is saved as ``best.ckpt`` next to ``last.ckpt``. Reference statistics of the training data are computed on
+    the first evaluation and cached on disk (see :mod:`sagan.metrics`).
+
+    Args:
+        every_n_steps: iterations between evaluations (0 = never).
+        num_samples: generated images per evaluation.
+        metrics: subset of fid, isc, kid, prc.
+        feature_extractor: 'auto' (digits-mlp for the digits set, else inception-v3-compat) or a torch-fidelity name.
+        weights_path: feature-extractor weights file (else $SAGAN_INCEPTION_WEIGHTS, torch hub's cache, download).
+        fid_layer: feature layer for FID/KID (None = the extractor's default, 2048 for Inception).
+        ref_split: split of the training data set used as reference.
+        cache_root: folder of cached reference statistics (None = torch-fidelity's default).
+        batch_size: generation / feature batch size.
+        seed: seed of the evaluation latents and labels (the same every evaluation).
+        dirpath: where best.ckpt goes (None = the checkpoint callback's folder).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        num_samples: int = 5000,
+        metrics: list[str] = ["fid"],  # noqa: B006 - jsonargparse wants a plain default
+        feature_extractor: str = "auto",
+        weights_path: str | None = None,
+        fid_layer: str | None = None,
+        ref_split: str = "train",
+        cache_root: str | None = None,
+        batch_size: int = 100,
+        seed: int = 0,
+        dirpath: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.every_n_steps, self.num_samples, self.metrics = every_n_steps, num_samples, list(metrics)
+        self.feature_extractor, self.weights_path, self.fid_layer = feature_extractor, weights_path, fid_layer
+        self.ref_split, self.cache_root, self.batch_size, self.seed = ref_split, cache_root, batch_size, seed
+        self.dirpath = dirpath
+        self.best_fid: float | None = None
+        self.best_step: int | None = None
+        self._last_step = -1
+        self._spec = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps > 0
+
+    def _feature_name(self, trainer: pl.Trainer) -> str:
+        if self.feature_extractor != "auto":
+            return self.feature_extractor
+        from .features import DIGITS_FEATURE_EXTRACTOR
+        from .metrics import INCEPTION
+
+        dm = trainer.datamodule
+        return DIGITS_FEATURE_EXTRACTOR if getattr(dm, "dataset", None) == "digits" else INCEPTION
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
+        from .metrics import parse_metrics, resolve_feature_extractor
+
+        parse_metrics(self.metrics)
+        if trainer.datamodule is None or not hasattr(trainer.datamodule, "build_dataset"):
+            raise SaganError("in-loop FID needs the sagan data module (its training data is the reference)")
+        if trainer.is_global_zero:  # fail now, not hours into training, when the weights cannot be had
+            self._spec = resolve_feature_extractor(self._feature_name(trainer), self.weights_path)
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        from .metrics import UInt8Images, compute_metrics
+
+        values: dict[str, float] = {}
+        if trainer.is_global_zero:
+            dm = trainer.datamodule
+            spec = self._spec
+            cache_name = f"sagan-{dm.dataset}-{self.ref_split}-{dm.fingerprint(self.ref_split)}-{spec.weights_sha256[:12]}"
+            g = pl_module.ema_generator()
+            result = compute_metrics(
+                g, UInt8Images(dm.build_dataset(self.ref_split, augment=False)),
+                metrics=self.metrics, num_samples=self.num_samples, feature_extractor=spec,
+                fid_layer=self.fid_layer, input2_cache_name=cache_name, cache_root=self.cache_root,
+                seed=self.seed, batch_size=self.batch_size, device=pl_module.device,
+            )
+            values = result.values
+        return trainer.strategy.broadcast(values, src=0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        step = int(pl_module.g_steps)
+        if not self.enabled or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._run(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = int(pl_module.g_steps)
+        if self.enabled and step > 0 and step != self._last_step:
+            self._run(trainer, pl_module, step)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._last_step = step
+        values = self.evaluate(trainer, pl_module)
+        metrics = {f"val/{k}": v for k, v in values.items()}
+        improved = "fid" in values and (self.best_fid is None or values["fid"] < self.best_fid)
+        if improved:
+            self.best_fid, self.best_step = values["fid"], step
+        if self.best_fid is not None:
+            metrics["val/fid_best"] = self.best_fid
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        for k, v in metrics.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
+        if trainer.is_global_zero:
+            print(f"[iteration {step}] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        if improved:
+            trainer.save_checkpoint(str(self._best_path(trainer)))  # collective: every rank calls it
+
+    def _best_path(self, trainer: pl.Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath) / "best.ckpt"
+        ckpt = trainer.checkpoint_callback
+        base = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        return base / "best.ckpt"
+
+    def state_dict(self) -> dict:
+        return {"best_fid": self.best_fid, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_fid = state_dict.get("best_fid")
+        self.best_step = state_dict.get("best_step")

@@ -3,6 +3,7 @@
     sagan fit --config configs/digits.yaml
     sagan fit --config configs/cifar10.yaml --data.root data/cifar10
     sagan fit --config configs/digits.yaml --print_config
+    sagan evaluate --ckpt outputs/digits/checkpoints/last.ckpt --metrics fid,kid,isc --floor
 
 A run writes to ``<output_root>/<experiment>/``: ``checkpoints/last.ckpt``, ``samples/step_*.png`` and the
 resolved ``config.yaml``. Errors the user can cause are printed as one line and exit with status 2.
@@ -18,7 +19,7 @@ from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from .callbacks import RunSummary, SampleGrid
+from .callbacks import FIDEvaluation, RunSummary, SampleGrid
 from .data import SAGANData
 from .errors import SaganError
 from .module import SAGAN
@@ -74,11 +75,13 @@ class SAGANCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.every_n_train_steps": 1000})
         parser.add_lightning_class_args(SampleGrid, "samples")
+        parser.add_lightning_class_args(FIDEvaluation, "fid")
         parser.add_lightning_class_args(RunSummary, "summary")
         runs = ("output_root", "experiment")
         parser.link_arguments(runs, "trainer.default_root_dir", compute_fn=_run_dir)
         parser.link_arguments(runs, "checkpoint.dirpath", compute_fn=_ckpt_dir)
         parser.link_arguments(runs, "samples.dirpath", compute_fn=_samples_dir)
+        parser.link_arguments(runs, "fid.dirpath", compute_fn=_ckpt_dir)
         parser.link_arguments("data.resolution", "model.resolution")
         parser.link_arguments("data.channels", "model.img_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -99,6 +102,11 @@ class SAGANCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sagan`` console script."""
     os.environ.setdefault("WANDB_MODE", "offline")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["evaluate"]:
+        from .evaluate import main as evaluate_main
+
+        sys.exit(evaluate_main(argv[1:]))
     try:
         SAGANCLI(
             SAGAN,

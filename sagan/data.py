@@ -11,6 +11,7 @@ Images come out as float tensors (C, R, R) in [-1, 1] with an integer class labe
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Literal
@@ -181,17 +182,25 @@ class SAGANData(pl.LightningDataModule):
         """Number of classes (0 for an unlabelled folder)."""
         return len(self.classes)
 
-    def _pil_transform(self) -> transforms.Compose:
+    def _pil_transform(self, augment: bool = True) -> transforms.Compose:
         t: list = [transforms.Resize(self.resolution), transforms.CenterCrop(self.resolution)]
-        if self.hflip:
+        if self.hflip and augment:
             t.append(transforms.RandomHorizontalFlip())
         t += [transforms.ToTensor(), transforms.Normalize([0.5] * self.channels, [0.5] * self.channels)]
         return transforms.Compose(t)
 
-    def build_dataset(self, train: bool = True) -> Dataset:
-        """The training (or, where one exists, held-out) set."""
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Splits this data set has: 'train', and 'test' (held out) for digits and CIFAR-10."""
+        return ("train",) if self.dataset == "folder" else ("train", "test")
+
+    def build_dataset(self, split: str = "train", augment: bool = True) -> Dataset:
+        """The images of ``split``; ``augment=False`` leaves out random flips (for reference statistics)."""
+        if split not in self.splits:
+            raise ConfigError(f"data set {self.dataset!r} has no split {split!r}; it has {list(self.splits)}")
+        train = split == "train"
         if self.dataset == "digits":
-            images8, labels = load_digits_arrays("train" if train else "test")
+            images8, labels = load_digits_arrays(split)
             return TensorDataset(digits_to_images(images8, self.resolution, self.channels), labels)
         if self.dataset == "cifar10":
             from torchvision.datasets import CIFAR10
@@ -203,15 +212,40 @@ class SAGANData(pl.LightningDataModule):
                     f"CIFAR-10 not found under data.root={self.root!r} ({e}). Put the extracted "
                     "'cifar-10-batches-py' folder there, or set data.download: true on a machine with internet"
                 ) from None
-            ds.transform = self._pil_transform() if self.channels == 3 else transforms.Compose(
-                [transforms.Grayscale(), self._pil_transform()]
+            ds.transform = self._pil_transform(augment) if self.channels == 3 else transforms.Compose(
+                [transforms.Grayscale(), self._pil_transform(augment)]
             )
             return ds
-        return ImageFolderDataset(self._samples, self._pil_transform(), "RGB" if self.channels == 3 else "L")
+        return ImageFolderDataset(self._samples, self._pil_transform(augment), "RGB" if self.channels == 3 else "L")
+
+    def fingerprint(self, split: str = "train") -> str:
+        """A short hash of what the images of ``split`` are made from, and how: changes when the data does.
+
+        Digits: the pixel values. Folders: every file's relative path, size and modification time. CIFAR-10: the
+        same for its batch files. Plus data set, split, resolution and channels.
+        """
+        h = hashlib.sha256(f"{self.dataset}|{split}|{self.resolution}|{self.channels}".encode())
+        if self.dataset == "digits":
+            images8, labels = load_digits_arrays(split)
+            h.update(images8.numpy().tobytes())
+            h.update(labels.numpy().tobytes())
+        else:
+            if self.dataset == "folder":
+                files = [p for p, _ in self._samples]
+                base = Path(self.root)
+            else:
+                base = Path(self.root) / "cifar-10-batches-py"
+                if not base.is_dir():
+                    raise DataError(f"CIFAR-10 not found under data.root={self.root!r}: put 'cifar-10-batches-py' there")
+                files = sorted(p for p in base.iterdir() if p.is_file())
+            for p in files:
+                st = p.stat()
+                h.update(f"{p.relative_to(base)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = self.build_dataset(train=True)
+            self.train_set = self.build_dataset("train")
             if len(self.train_set) < self.batch_size:
                 raise DataError(
                     f"the training set has {len(self.train_set)} images, fewer than data.batch_size="

@@ -27,6 +27,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist: pass the path of a .ckpt written by 'sagan fit'")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or truncated, or not a PyTorch checkpoint at all; "
+            "use another checkpoint, e.g. an earlier last.ckpt"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
