@@ -184,7 +184,7 @@ class FIDEvaluation(pl.Callback):
         if trainer.is_global_zero:
             print(f"[iteration {step}] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         if improved:
-            trainer.save_checkpoint(str(self._best_path(trainer)))  # collective: every rank calls it
+            trainer.save_checkpoint(str(self._best_path(trainer)), weights_only=False)  # collective: all ranks
 
     def _best_path(self, trainer: pl.Trainer) -> Path:
         if self.dirpath:

@@ -4,6 +4,7 @@
     sagan fit --config configs/cifar10.yaml --data.root data/cifar10
     sagan fit --config configs/digits.yaml --print_config
     sagan evaluate --ckpt outputs/digits/checkpoints/last.ckpt --metrics fid,kid,isc --floor
+    sagan generate --ckpt outputs/digits/checkpoints/last.ckpt --outdir samples --per-class --num 10 --grid
 
 A run writes to ``<output_root>/<experiment>/``: ``checkpoints/last.ckpt``, ``samples/step_*.png`` and the
 resolved ``config.yaml``. Errors the user can cause are printed as one line and exit with status 2.
@@ -107,6 +108,10 @@ def main(args: list[str] | None = None) -> None:
         from .evaluate import main as evaluate_main
 
         sys.exit(evaluate_main(argv[1:]))
+    if argv[:1] == ["generate"]:
+        from .generate import main as generate_main
+
+        sys.exit(generate_main(argv[1:]))
     try:
         SAGANCLI(
             SAGAN,

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-split", default="train", help="reference split of the training data (default train)")
     p.add_argument("--floor", action="store_true",
                    help="also score the held-out real split against the reference: the best a model can do")
+    p.add_argument("--allow-few-samples", action="store_true",
+                   help="compute FID/KID even on fewer images than feature dimensions (biased; noted in the protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -108,7 +110,8 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     cache_name = f"sagan-{dm.dataset}-{a.ref_split}-{dm.fingerprint(a.ref_split)}-{spec.weights_sha256[:12]}"
     reference = UInt8Images(dm.build_dataset(a.ref_split, augment=False))
     common = dict(metrics=a.metrics, feature_extractor=spec, fid_layer=a.fid_layer, input2_cache_name=cache_name,
-                  cache_root=a.cache_root, seed=a.seed, batch_size=a.batch_size, device=device)
+                  cache_root=a.cache_root, seed=a.seed, batch_size=a.batch_size, device=device,
+                  allow_few_samples=a.allow_few_samples)
     label = "generated (EMA)" if not a.no_ema else "generated (raw G)"
     res = compute_metrics(g, reference, num_samples=a.num_samples, **common)
     rows = {label: res.values}
@@ -143,7 +146,8 @@ def evaluate_folders(a: argparse.Namespace) -> dict[str, Any]:
     spec = resolve_feature_extractor(fe, a.weights)
     first, second = a.folders
     res = compute_metrics(first, second, metrics=a.metrics, feature_extractor=spec, fid_layer=a.fid_layer,
-                          seed=a.seed, batch_size=a.batch_size, device=a.device)
+                          seed=a.seed, batch_size=a.batch_size, device=a.device,
+                          allow_few_samples=a.allow_few_samples)
     print(_table({f"{first} vs {second}": res.values}))
     protocol = dict(res.protocol) | {"first": str(Path(first).resolve()), "second": str(Path(second).resolve())}
     return {"metrics": res.values, "protocol": protocol, "_json": Path(a.json) if a.json else None}

@@ -160,11 +160,17 @@ class ConditionalBatchNorm2d(nn.Module):
             self.bias = sn_embedding(num_classes, num_features)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """``y``: class indices (B,), or class weights (B, num_classes) that mix the class embeddings (used to
+        interpolate between classes; a one-hot row equals its index)."""
         out = self.bn(x)
         if self.num_classes == 0:
             return out
         if y is None:
             raise ValueError("ConditionalBatchNorm2d of a class-conditional model needs class labels y")
-        gain = 1.0 + self.gain(y)[:, :, None, None]  # (B, C, 1, 1)
-        bias = self.bias(y)[:, :, None, None]  # (B, C, 1, 1)
-        return out * gain + bias
+        if y.is_floating_point():
+            gain = 1.0 + y @ self.gain.weight  # (B, K) @ (K, C) -> (B, C)
+            bias = y @ self.bias.weight
+        else:
+            gain = 1.0 + self.gain(y)  # (B, C)
+            bias = self.bias(y)
+        return out * gain[:, :, None, None] + bias[:, :, None, None]

@@ -231,13 +231,16 @@ def compute_metrics(
     device: str | torch.device | None = None,
     kid_subset_size: int = 1000,
     isc_splits: int = 10,
+    allow_few_samples: bool = False,
     verbose: bool = False,
 ) -> MetricsResult:
     """FID / IS / KID / precision-recall of ``input1`` (a generator, a Dataset of images or a folder) against
     ``input2`` (a Dataset or folder; cached under ``input2_cache_name`` when given).
 
     A generator (an ``nn.Module`` with ``z_dim``) is sampled in memory: ``num_samples`` images, latents seeded
-    with ``seed``. Raises :class:`MetricsError` with the fix when the inputs cannot give a meaningful number.
+    with ``seed``. Raises :class:`MetricsError` with the fix when the inputs cannot give a meaningful number: in
+    particular FID/KID/PR on fewer images than the feature dimension (a rank-deficient covariance, a strongly
+    biased number) unless ``allow_few_samples`` (then recorded in the protocol).
     """
     names = parse_metrics(metrics)
     spec = feature_extractor if isinstance(feature_extractor, FeatureSpec) else resolve_feature_extractor(feature_extractor)
@@ -262,7 +265,7 @@ def compute_metrics(
     n2 = None
     if input2 is not None:
         n2 = _count(input2) if not (input2_cache_name and _cached(input2_cache_name, spec, layers, cache_root)) else None
-    _check_counts(names, layers, n1, n2, kid_subset_size, isc_splits)
+    _check_counts(names, layers, n1, n2, isc_splits, allow_few_samples)
     kid_size = min(kid_subset_size, n1, n2 or n1)
 
     kwargs: dict[str, Any] = dict(
@@ -307,6 +310,7 @@ def compute_metrics(
         "seed": seed,
         "kid_subset_size": kid_size if "kid" in names else None,
         "isc_splits": isc_splits if "isc" in names else None,
+        "allow_few_samples": allow_few_samples,
         "torch_fidelity": _tf_version(),
     }
     return MetricsResult(values, protocol)
@@ -342,18 +346,21 @@ def _cached(name: str, spec: FeatureSpec, layers: dict[str, str], cache_root: st
     return all(p.exists() for p in need)
 
 
-def _check_counts(names: list[str], layers: dict[str, str], n1: int, n2: int | None, kid_subset: int, splits: int) -> None:
+def _check_counts(
+    names: list[str], layers: dict[str, str], n1: int, n2: int | None, splits: int, allow_few: bool
+) -> None:
     for label, n in (("generated/first", n1), ("reference/second", n2)):
         if n is None:
             continue
-        if n < 1:
-            raise MetricsError(f"the {label} set is empty: metrics need images")
+        if n < 2:
+            raise MetricsError(f"the {label} set has {n} image(s): metrics need at least 2 (a covariance)")
         for m in ("fid", "kid", "prc"):
             dim = _layer_dim(layers.get(m, "")) if m in names else None
-            if dim is not None and n < dim:
+            if dim is not None and n < dim and not allow_few:
                 raise MetricsError(
                     f"{m.upper()} on {dim}-dimensional features needs at least {dim} images per set, but the {label} "
-                    f"set has {n}: use more images (e.g. --num-samples {max(dim, 1000)}) or a smaller feature layer"
+                    f"set has {n}: use more images (e.g. --num-samples {max(dim, 1000)}), a smaller feature layer, "
+                    "or accept a biased number with --allow-few-samples"
                 )
         if "isc" in names and label.startswith("generated") and n < splits:
             raise MetricsError(f"IS with {splits} splits needs at least {splits} images, got {n}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,58 @@ def generator_from_checkpoint(
     return g.to(device)
 
 
-def sample_labels(n: int, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
-    return torch.randint(0, num_classes, (n,), generator=generator)
+_LABEL_STREAM = 0x5EED_0000_0000  # offset of the per-seed label generator, apart from the latent one
 
 
-def latents_for_seeds(seeds: list[int], z_dim: int) -> Tensor:
-    """One latent per seed, each drawn from its own ``torch.Generator``: sample i depends only on seed i."""
-    return torch.stack([torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def parse_seeds(spec: str) -> list[int]:
+    """'0-99' -> [0..99]; '1,5,9' -> [1, 5, 9]; '0-3,10' -> [0, 1, 2, 3, 10]."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(f"bad seed list {spec!r}: use e.g. '0-99', '1,5,9' or '0-3,10' (non-negative integers)")
+        lo = int(m.group(1))
+        seeds += range(lo, int(m.group(2) or lo) + 1)
+    return seeds
+
+
+def latent_for_seed(seed: int, z_dim: int, truncation: float | None = None) -> Tensor:
+    """z ~ N(0, I) of size z_dim from its own generator seeded with ``seed``; with ``truncation`` T, entries with
+    |z| > T are redrawn (from the same generator) until all lie within [-T, T] (the truncation trick)."""
+    g = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(z_dim, generator=g)
+    if truncation is not None:
+        if truncation <= 0:
+            raise ValueError(f"truncation must be positive, got {truncation}")
+        bad = z.abs() > truncation
+        while bad.any():
+            z[bad] = torch.randn(int(bad.sum()), generator=g)
+            bad = z.abs() > truncation
+    return z
+
+
+def latents_for_seeds(seeds: list[int], z_dim: int, truncation: float | None = None) -> Tensor:
+    """(len(seeds), z_dim): sample i depends only on seed i, never on the batch it is generated in."""
+    return torch.stack([latent_for_seed(s, z_dim, truncation) for s in seeds])
+
+
+def labels_for_seeds(seeds: list[int], num_classes: int) -> Tensor:
+    """One uniform class label per seed, from a per-seed generator of its own."""
+    return torch.tensor(
+        [int(torch.randint(0, num_classes, (1,), generator=torch.Generator().manual_seed(int(s) + _LABEL_STREAM)))
+         for s in seeds],
+        dtype=torch.long,
+    )
+
+
+def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
+    """Spherical interpolation between latents a and b (exactly a at t=0 and b at t=1)."""
+    if t == 0.0:
+        return a.clone()
+    if t == 1.0:
+        return b.clone()
+    cos = torch.dot(a / a.norm(), b / b.norm()).clamp(-1.0, 1.0)
+    omega = torch.arccos(cos)
+    if omega.abs() < 1e-6:
+        return torch.lerp(a, b, t)
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)

@@ -167,8 +167,12 @@ def test_reference_statistics_are_cached_and_invalidated(tmp_path):
 def test_too_few_images_or_samples_is_a_clear_error():
     g = _tiny_generator(0)
     ref = Images(real_digits()[:100])
-    with pytest.raises(M.MetricsError, match="at least 64 images"):
+    with pytest.raises(M.MetricsError, match="at least 64 images.*--allow-few-samples"):
         M.compute_metrics(g, ref, metrics="fid", num_samples=20, feature_extractor="digits-mlp")
+    few = M.compute_metrics(g, ref, metrics="fid", num_samples=20, feature_extractor="digits-mlp", allow_few_samples=True)
+    assert np.isfinite(few.values["fid"]) and few.protocol["allow_few_samples"] is True
+    with pytest.raises(M.MetricsError, match="at least 2"):
+        M.compute_metrics(g, ref, metrics="fid", num_samples=1, feature_extractor="digits-mlp", allow_few_samples=True)
     with pytest.raises(M.MetricsError, match="positive integer"):
         M.compute_metrics(g, ref, metrics="fid", num_samples=0, feature_extractor="digits-mlp")
     with pytest.raises(M.MetricsError, match="reference/second set has 30"):

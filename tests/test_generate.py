@@ -1,0 +1,170 @@
+"""`sagan generate`: seeds, classes, grids, truncation, interpolation, attention maps, safe loading."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sagan.cli import main
+from sagan.generate import main as generate_main
+from sagan.sampling import generator_from_checkpoint, latents_for_seeds, parse_seeds
+
+from conftest import REPO, TINY, write_images
+
+
+def run_cli(args):
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    common = [*TINY, "--output_root", str(root), "--samples.every_n_steps", "0", "--trainer.max_steps", "4",
+              "--data.batch_size", "8"]
+    assert run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--experiment", "cond", *common]) == 0
+    write_images(root / "flat", 10, size=32)
+    assert run_cli(["fit", "--config", str(REPO / "configs/celeba64.yaml"), "--experiment", "uncond", *common,
+                    "--data.root", str(root / "flat"), "--data.resolution", "32", "--data.num_workers", "0",
+                    "--model.g_attn", "[16, 32]", "--model.d_attn", "[16]"]) == 0
+    return {"cond": root / "cond/checkpoints/last.ckpt", "uncond": root / "uncond/checkpoints/last.ckpt"}
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3,10") == [0, 1, 2, 3, 10]
+    assert parse_seeds("7") == [7]
+    for bad in ("3-1", "a", "-2", ""):
+        with pytest.raises(ValueError, match="bad seed list"):
+            parse_seeds(bad)
+
+
+def test_same_seed_same_image_whatever_the_batch_size(ckpts, tmp_path, capsys):
+    for bs in (1, 7):
+        assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(tmp_path / f"b{bs}"),
+                              "--seeds", "0-9", "--batch-size", str(bs)]) == 0
+    assert "10 images in" in capsys.readouterr().out
+    for s in range(10):
+        assert np.array_equal(png(tmp_path / "b1" / f"{s:06d}.png"), png(tmp_path / "b7" / f"{s:06d}.png"))
+    # and seed 3 alone gives the image seed 3 gave among ten
+    assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(tmp_path / "one"), "--seeds", "3"]) == 0
+    assert np.array_equal(png(tmp_path / "one" / "000003.png"), png(tmp_path / "b7" / "000003.png"))
+
+
+def test_per_class_layout_counts_and_grid(ckpts, tmp_path):
+    out = tmp_path / "pc"
+    assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out), "--per-class", "--num", "3",
+                          "--grid"]) == 0
+    for c in range(10):
+        assert sorted(p.name for p in (out / str(c)).iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    grid = png(out / "grid.png")
+    assert grid.shape[:2] == (10 * 34 + 2, 3 * 34 + 2)  # rows = classes, columns = seeds, 2-px padding
+    # class changes the image for the same seed
+    assert not np.array_equal(png(out / "0" / "000001.png"), png(out / "7" / "000001.png"))
+
+
+def test_unconditional_layout_and_class_flags_refused(ckpts, tmp_path, capsys):
+    out = tmp_path / "u"
+    assert generate_main(["--ckpt", str(ckpts["uncond"]), "--outdir", str(out), "--num", "5", "--grid",
+                          "--no-images"]) == 0
+    assert [p.name for p in out.iterdir()] == ["grid.png"]
+    assert generate_main(["--ckpt", str(ckpts["uncond"]), "--outdir", str(out), "--num", "5"]) == 0
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(5)]
+    capsys.readouterr()
+    assert generate_main(["--ckpt", str(ckpts["uncond"]), "--outdir", str(out), "--per-class"]) == 2
+    assert "unconditional" in capsys.readouterr().err
+
+
+def test_truncation_keeps_latents_within_bound():
+    z = latents_for_seeds(list(range(50)), 128, truncation=0.5)
+    assert z.abs().max() <= 0.5
+    plain = latents_for_seeds(list(range(50)), 128)
+    assert plain.abs().max() > 2.0  # the bound really binds
+    assert torch.equal(latents_for_seeds([7], 128, 0.5)[0], z[7])  # per seed, whatever the list
+
+
+def test_truncation_via_cli_changes_images(ckpts, tmp_path):
+    for name, extra in (("t", ["--truncation", "0.3"]), ("f", [])):
+        assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(tmp_path / name), "--seeds", "0-2",
+                              "--class-label", "4", *extra]) == 0
+    assert not np.array_equal(png(tmp_path / "t/000001.png"), png(tmp_path / "f/000001.png"))
+
+
+def _panel(strip: np.ndarray, i: int, size: int = 32, pad: int = 2) -> np.ndarray:
+    x = pad + i * (size + pad)
+    return strip[pad:pad + size, x:x + size]
+
+
+def test_interpolation_endpoints_equal_the_seed_images(ckpts, tmp_path):
+    out = tmp_path / "i"
+    assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out), "--interpolate", "4", "9",
+                          "--steps", "6", "--interpolate-classes", "2", "7"]) == 0
+    strip = png(out / "interp_000004_000009.png")
+    assert strip.shape[1] == 2 + 6 * 34
+    for seed, cls, i in ((4, 2, 0), (9, 7, 5)):
+        assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out / f"s{seed}"), "--seeds", str(seed),
+                              "--class-label", str(cls)]) == 0
+        single = png(out / f"s{seed}" / f"{seed:06d}.png")
+        assert np.array_equal(_panel(strip, i), single)
+    assert not np.array_equal(_panel(strip, 2), _panel(strip, 3))  # it moves in between
+
+
+def test_soft_class_weights_equal_hard_labels_at_one_hot(ckpts):
+    g = generator_from_checkpoint(ckpts["cond"])
+    z = latents_for_seeds([0, 1, 2], g.z_dim)
+    y = torch.tensor([1, 5, 9])
+    torch.testing.assert_close(g(z, y), g(z, torch.eye(10)[y]))
+
+
+def test_attention_maps_are_distributions_and_drawn(ckpts, tmp_path):
+    g = generator_from_checkpoint(ckpts["uncond"])
+    _, maps = g(latents_for_seeds([0, 1], g.z_dim), return_attention=True)
+    assert sorted(maps) == [16, 32]
+    for res, m in maps.items():
+        assert m.shape == (2, res * res, res * res // 4)
+        assert (m >= 0).all()
+        torch.testing.assert_close(m.sum(-1), torch.ones(2, res * res), atol=1e-5, rtol=0)
+    out = tmp_path / "a"
+    assert generate_main(["--ckpt", str(ckpts["uncond"]), "--outdir", str(out), "--seeds", "0,1",
+                          "--attention-maps", "--query-points", "3"]) == 0
+    fig = png(out / "attention" / "seed_000001.png")
+    assert fig.shape == (2 * 132 + 4, 4 * 132 + 4, 3)  # 2 layers x (image + 3 query panels)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['SAGAN_PWNED']}",))
+
+
+def test_malicious_checkpoint_is_not_executed(ckpts, tmp_path, capsys, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("SAGAN_PWNED", str(marker))
+    state = torch.load(ckpts["cond"], weights_only=True)
+    state["evil"] = _Payload()
+    bad = tmp_path / "evil.ckpt"
+    torch.save(state, bad)
+    assert generate_main(["--ckpt", str(bad), "--outdir", str(tmp_path / "o"), "--num", "1"]) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "not loaded" in err and "Traceback" not in err
+
+
+def test_truncated_and_foreign_checkpoints_are_clear_errors(ckpts, tmp_path, capsys):
+    data = ckpts["cond"].read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"lr": 1}}, foreign)
+    for path, needle in ((cut, "corrupt or truncated"), (foreign, "not written by 'sagan fit'")):
+        assert generate_main(["--ckpt", str(path), "--outdir", str(tmp_path / "o"), "--num", "1"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
