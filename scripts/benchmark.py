@@ -1,8 +1,11 @@
 """Benchmarks of sagan on the current device; results go to BENCHMARKS.md by hand, with this command line.
 
+    python scripts/benchmark.py generate [--batch-size 64] [--repeats 5]
     python scripts/benchmark.py fid [--sizes 1000 10000] [--weights PATH]
 
 Sections:
+  generate  images/s of ``sagan generate``'s path (EMA-style eval generator, seeded latents, uint8 out) at 32x32
+            (configs/cifar10.yaml's G) and 64x64 (configs/celeba64.yaml's G); median of repeats after a warm-up.
   fid   time of FID for N generated 32x32 images: in-memory (``sagan.metrics.compute_metrics`` on the generator)
         versus writing PNGs and running torch-fidelity's ``fidelity`` command on the folder. Reference statistics
         are cached beforehand and shared by both paths, so only the generated side is timed. Without --weights a
@@ -102,20 +105,56 @@ def bench_fid(sizes: list[int], weights: str | None, batch_size: int) -> list[st
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_generate(batch_size: int, repeats: int) -> list[str]:
+    import statistics
+
+    from sagan.sampling import latents_for_seeds
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = {32: dict(ch=64, attn_resolutions=[32], num_classes=10),  # configs/cifar10.yaml
+               64: dict(ch=64, attn_resolutions=[32], num_classes=0)}  # configs/celeba64.yaml
+    rows = [f"| resolution | G parameters | batch | images/s (median of {repeats}) |", "| ---: | ---: | ---: | ---: |"]
+    for res, kw in configs.items():
+        torch.manual_seed(0)
+        g = Generator(res, z_dim=128, img_channels=3, **kw).eval().to(device)
+        n_params = sum(p.numel() for p in g.parameters())
+        seeds = list(range(batch_size))
+        y = torch.arange(batch_size, device=device) % 10 if kw["num_classes"] else None
+
+        def once() -> float:
+            t = time.perf_counter()
+            with torch.no_grad():
+                z = latents_for_seeds(seeds, g.z_dim).to(device)
+                img = M.to_uint8(g(z, y)).cpu()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            assert img.shape[0] == batch_size
+            return time.perf_counter() - t
+
+        once()  # warm-up
+        times = [once() for _ in range(repeats)]
+        rows.append(f"| {res}x{res} | {n_params / 1e6:.1f} M | {batch_size} | {batch_size / statistics.median(times):.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=["fid"])
+    p.add_argument("section", choices=["generate", "fid"])
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--weights", help="real InceptionV3 weights (default: random weights of the same shapes)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (generate), 100 (fid)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     print(header(), flush=True)
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}", flush=True)
-    if a.section == "fid":
-        rows = bench_fid(a.sizes, a.weights, a.batch_size)
+    if a.section == "generate":
+        rows = bench_generate(a.batch_size or 64, a.repeats)
+    elif a.section == "fid":
+        rows = bench_fid(a.sizes, a.weights, a.batch_size or 100)
     print("\n".join(rows))
 
 
