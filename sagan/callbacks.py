@@ -1,8 +1,11 @@
-"""Callbacks that react to training events: fixed-noise sample grids and the end-of-run summary."""
+"""Callbacks that react to training events: sample grids, attention maps, in-loop FID, W&B dashboard set-up,
+and the end-of-run summary. Everything that writes files or logs pictures does so on rank 0 only."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -41,6 +44,9 @@ class SampleGrid(pl.Callback):
         path = out / f"step_{step:06d}.png"
         save_image(grid, path)
         self.last_path = path.resolve()
+        rows = pl_module.sample_y.view(-1, pl_module.sample_nrow)[:, 0].tolist() if pl_module.conditional else None
+        caption = f"iteration {step}" + (f", rows = classes {rows}" if rows else "")
+        log_images(trainer, "samples/ema_grid" if self.ema else "samples/grid", [str(path)], [caption])
         return path
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
@@ -51,6 +57,96 @@ class SampleGrid(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if int(pl_module.g_steps) != self._last_step:
             self.write(trainer, pl_module)
+
+
+def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
+    from pytorch_lightning.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def log_images(trainer: pl.Trainer, key: str, paths: list[str], captions: list[str]) -> None:
+    """Send pictures (files already written) to every W&B logger, at the trainer's step; rank 0 only."""
+    if not trainer.is_global_zero:
+        return
+    for lg in wandb_loggers(trainer):
+        lg.log_image(key=key, images=paths, caption=captions, step=trainer.global_step)
+
+
+class AttentionMaps(pl.Callback):
+    """Every ``every_n_steps`` iterations, draw the EMA generator's attention maps for the first ``num_images``
+    images of the fixed sample noise (see :func:`sagan.visualize.attention_figure`) to
+    ``dirpath/step_XXXXXX.png`` and log them to W&B as ``attention_maps/G``; rank 0 only."""
+
+    def __init__(self, dirpath: str | None = None, every_n_steps: int = 0, num_images: int = 2,
+                 query_points: int = 4) -> None:
+        super().__init__()
+        self.dirpath, self.every_n_steps, self.num_images, self.query_points = dirpath, every_n_steps, num_images, query_points
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        step = int(pl_module.g_steps)
+        if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        if not trainer.is_global_zero or len(pl_module.generator.attn) == 0:
+            return
+        from PIL import Image
+
+        from .visualize import attention_figure, default_query_points
+
+        g = pl_module.ema_generator()
+        n = min(self.num_images, len(pl_module.sample_z))
+        idx = torch.linspace(0, len(pl_module.sample_z) - 1, n).round().long()
+        z, y = pl_module.sample_z[idx], pl_module.sample_y[idx] if pl_module.conditional else None
+        with torch.no_grad():
+            imgs, maps = g(z, y, return_attention=True)
+        points = default_query_points(self.query_points)
+        figs = [attention_figure(imgs[i].cpu(), {r: m[i].cpu() for r, m in maps.items()}, points) for i in range(n)]
+        width = max(f.width for f in figs)
+        sheet = Image.new("RGB", (width, sum(f.height for f in figs)), (30, 30, 30))
+        y0 = 0
+        for f in figs:
+            sheet.paste(f, (0, y0))
+            y0 += f.height
+        out = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "attention"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"step_{step:06d}.png"
+        sheet.save(path)
+        log_images(trainer, "attention_maps/G", [str(path)],
+                   [f"iteration {step}: per image, rows = attention layers, panels = query points"])
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (with '-dirty' for uncommitted changes), or 'unknown'."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class WandbDashboard(pl.Callback):
+    """Sets up the W&B run at fit start (rank 0): summaries of the validation metrics (min FID and KID, max IS),
+    the code version, and the step axes. No-op without a ``WandbLogger``."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        for lg in wandb_loggers(trainer):
+            exp = lg.experiment
+            exp.define_metric("trainer/global_step")
+            exp.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+            for key, summary in (("val/fid", "min"), ("val/kid", "min"), ("val/fid_best", "min"), ("val/isc", "max")):
+                exp.define_metric(key, step_metric="trainer/global_step", summary=summary)
+            exp.define_metric("train/iteration", step_metric="trainer/global_step", summary="max")
+            exp.config.update({"git_commit": git_commit(), "model_class": type(pl_module).__name__},
+                              allow_val_change=True)
 
 
 class RunSummary(pl.Callback):
@@ -137,7 +233,10 @@ class FIDEvaluation(pl.Callback):
         if trainer.datamodule is None or not hasattr(trainer.datamodule, "build_dataset"):
             raise SaganError("in-loop FID needs the sagan data module (its training data is the reference)")
         if trainer.is_global_zero:  # fail now, not hours into training, when the weights cannot be had
-            self._spec = resolve_feature_extractor(self._feature_name(trainer), self.weights_path)
+            try:
+                self._spec = resolve_feature_extractor(self._feature_name(trainer), self.weights_path)
+            except SaganError as e:
+                raise type(e)(f"{e} (or turn in-loop FID off with --fid.every_n_steps 0)") from None
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         from .metrics import UInt8Images, compute_metrics

@@ -16,11 +16,13 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from .callbacks import FIDEvaluation, RunSummary, SampleGrid
+from .callbacks import AttentionMaps, FIDEvaluation, RunSummary, SampleGrid, WandbDashboard, wandb_loggers
 from .data import SAGANData
 from .errors import SaganError
 from .module import SAGAN
@@ -36,6 +38,21 @@ def _ckpt_dir(output_root: str, experiment: str) -> str:
 
 def _samples_dir(output_root: str, experiment: str) -> str:
     return str(Path(output_root) / experiment / "samples")
+
+
+def _attention_dir(output_root: str, experiment: str) -> str:
+    return str(Path(output_root) / experiment / "attention")
+
+
+def wandb_configured() -> bool:
+    """Whether the user has set W&B up (an API key in the environment or in ~/.netrc); else runs stay offline."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -54,7 +71,10 @@ class SaveRunConfig(SaveConfigCallback):
             return
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True)
+        path = run_dir / self.config_filename
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=True)
+        for lg in wandb_loggers(trainer):  # the resolved config with the run (W&B's own config.yaml is not touched)
+            lg.experiment.config.update({"cli": yaml.safe_load(path.read_text())}, allow_val_change=True)
 
 
 class _Parser(LightningArgumentParser):
@@ -77,12 +97,15 @@ class SAGANCLI(LightningCLI):
                              "checkpoint.every_n_train_steps": 1000})
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(FIDEvaluation, "fid")
+        parser.add_lightning_class_args(AttentionMaps, "attention_maps")
+        parser.add_lightning_class_args(WandbDashboard, "wandb_dashboard")
         parser.add_lightning_class_args(RunSummary, "summary")
         runs = ("output_root", "experiment")
         parser.link_arguments(runs, "trainer.default_root_dir", compute_fn=_run_dir)
         parser.link_arguments(runs, "checkpoint.dirpath", compute_fn=_ckpt_dir)
         parser.link_arguments(runs, "samples.dirpath", compute_fn=_samples_dir)
         parser.link_arguments(runs, "fid.dirpath", compute_fn=_ckpt_dir)
+        parser.link_arguments(runs, "attention_maps.dirpath", compute_fn=_attention_dir)
         parser.link_arguments("data.resolution", "model.resolution")
         parser.link_arguments("data.channels", "model.img_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -92,6 +115,7 @@ class SAGANCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         cfg = self.config[self.subcommand]
+        self._configure_wandb(cfg)
         last = Path(_ckpt_dir(cfg.output_root, cfg.experiment)) / "last.ckpt"
         if cfg.ckpt_path is None and last.exists() and not cfg.overwrite:
             raise SaganError(
@@ -100,9 +124,24 @@ class SAGANCLI(LightningCLI):
             )
 
 
+    @staticmethod
+    def _configure_wandb(cfg) -> None:
+        """Fill a WandbLogger's unset save_dir / name from the run, and keep it offline unless W&B is set up."""
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        for lg in loggers:
+            if not (hasattr(lg, "class_path") and lg.class_path.endswith("WandbLogger")):
+                continue
+            args = lg.init_args
+            if args.get("save_dir") in (None, "."):
+                args["save_dir"] = _run_dir(cfg.output_root, cfg.experiment)
+            if args.get("name") is None:
+                args["name"] = cfg.experiment
+            if not args.get("offline") and "WANDB_MODE" not in os.environ and not wandb_configured():
+                args["offline"] = True
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sagan`` console script."""
-    os.environ.setdefault("WANDB_MODE", "offline")
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["evaluate"]:
         from .evaluate import main as evaluate_main
@@ -122,8 +161,20 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
         )
     except SaganError as e:
+        _finish_wandb(exit_code=2)
         print(f"sagan: error: {_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except BaseException:
+        _finish_wandb(exit_code=1)
+        raise
+    _finish_wandb(exit_code=0)
+
+
+def _finish_wandb(exit_code: int) -> None:
+    """Close the W&B run of this process, if one was started, so its file is complete (also for in-process use)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def _message(e: BaseException) -> str:

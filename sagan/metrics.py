@@ -166,6 +166,7 @@ def resolve_feature_extractor(name: str = INCEPTION, weights_path: str | None = 
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+        hub.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(URL_INCEPTION_V3, str(hub), progress=False)
     except Exception as e:  # noqa: BLE001 - any download failure gets the same instructions
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3

@@ -11,6 +11,7 @@ G (``torch.optim.swa_utils.AveragedModel``) is updated. One *iteration* is one G
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -24,6 +25,12 @@ from .errors import ConfigError
 from .layers import refresh_spectral_norm
 from .losses import get_losses
 from .models import Discriminator, Generator, attention_layers
+
+
+def _grad_norm(module: torch.nn.Module) -> Tensor:
+    """Global L2 norm of a module's gradients (before the optimizer step)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).detach() if grads else torch.zeros(())
 
 
 class _WarmupEMA:
@@ -108,6 +115,7 @@ class SAGAN(pl.LightningModule):
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
         self.d_steps = 0  # discriminator updates so far
         self.g_steps = 0  # generator updates (= iterations) so far
+        self._last_step_time: float | None = None
 
         # Fixed sample noise, a persistent buffer: identical grids across steps and resumes.
         gen = torch.Generator().manual_seed(sample_seed)
@@ -173,9 +181,11 @@ class SAGAN(pl.LightningModule):
         loss_d = self.d_loss_fn(d_real, d_fake)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
+        grad_norm = _grad_norm(self.discriminator)
         opt_d.step()
         self.d_steps += 1
-        return {"loss_d": loss_d.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean()}
+        return {"loss_d": loss_d.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean(),
+                "grad_norm_d": grad_norm, "lr_d": torch.tensor(opt_d.param_groups[0]["lr"])}
 
     def g_step(self, batch_size: int) -> dict[str, Tensor]:
         """One generator update; D's parameters are frozen (toggled off) and receive no gradient."""
@@ -185,11 +195,12 @@ class SAGAN(pl.LightningModule):
         loss_g = self.g_loss_fn(self.discriminator(self.generator(z, y_fake), y_fake))
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
+        grad_norm = _grad_norm(self.generator)
         opt_g.step()
         self.untoggle_optimizer(opt_g)
         self.g_ema.update_parameters(self.generator)
         self.g_steps += 1
-        return {"loss_g": loss_g.detach()}
+        return {"loss_g": loss_g.detach(), "grad_norm_g": grad_norm, "lr_g": torch.tensor(opt_g.param_groups[0]["lr"])}
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         x, y = batch[0], batch[1]
@@ -198,7 +209,13 @@ class SAGAN(pl.LightningModule):
         logs = self.d_step(x, y)
         if self.d_steps % self.n_dis == 0:
             logs.update(self.g_step(x.shape[0]))
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, batch_size=x.shape[0])
+        now = time.perf_counter()
+        if self._last_step_time is not None:  # real images per second, all processes together
+            logs["images_per_s"] = torch.tensor(x.shape[0] * self.trainer.world_size / (now - self._last_step_time))
+        self._last_step_time = now
+        bar = {"loss_d", "loss_g", "d_real", "d_fake"}
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k in bar}, prog_bar=True, batch_size=x.shape[0])
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k not in bar}, batch_size=x.shape[0])
         gammas = {f"attention/gamma_G{r}": m.gamma.detach() for r, m in attention_layers(self.generator).items()}
         gammas.update({f"attention/gamma_D{r}": m.gamma.detach() for r, m in attention_layers(self.discriminator).items()})
         self.log_dict(gammas, batch_size=x.shape[0])

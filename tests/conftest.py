@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = [
     "--model.g_ch", "8", "--model.d_ch", "8", "--model.z_dim", "16",
     "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-    "--trainer.log_every_n_steps", "1",
+    "--trainer.log_every_n_steps", "1", "--fid.every_n_steps", "0", "--attention_maps.every_n_steps", "0",
+    "--trainer.logger", "false",
 ]
 
 

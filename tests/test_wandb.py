@@ -1,0 +1,75 @@
+"""W&B dashboards: a few offline training steps, then the offline run file is read back."""
+
+from pathlib import Path
+
+import pytest
+
+from sagan.cli import main, wandb_configured
+
+from conftest import REPO, TINY
+from wandb_reader import read_run
+
+PROMISED = {
+    "train/loss_d", "train/loss_g", "train/d_real", "train/d_fake", "train/grad_norm_g", "train/grad_norm_d",
+    "train/lr_g", "train/lr_d", "train/images_per_s", "train/iteration",
+    "attention/gamma_G16", "attention/gamma_D16",
+    "val/fid", "val/kid", "val/isc", "val/fid_best",
+}
+
+
+def run_cli(args):
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    assert TINY[-2:] == ["--trainer.logger", "false"]
+    root = tmp_path_factory.mktemp("wb")
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(root), "--experiment", "w",
+            *TINY[:-2],  # all but "--trainer.logger false": keep the config's WandbLogger
+            "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "2", "--data.batch_size", "8",
+            "--samples.every_n_steps", "3", "--attention_maps.every_n_steps", "3", "--fid.every_n_steps", "3",
+            "--fid.num_samples", "100", "--fid.metrics", "[fid, kid, isc]", "--fid.cache_root", str(root / "cache")]
+    assert run_cli(args) == 0
+    files = list((root / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, "one offline run under outputs/<experiment>/wandb"
+    return files[0]
+
+
+def test_every_promised_key_is_logged(wandb_run):
+    run = read_run(wandb_run)
+    missing = PROMISED - run.keys
+    assert not missing, f"missing keys: {sorted(missing)}"
+    fids = [row["val/fid"] for row in run.history if "val/fid" in row]
+    assert len(fids) == 2 and run.summary["val/fid"]["min"] == pytest.approx(min(fids))
+    assert run.metrics["val/fid"]["summary"].startswith("min") and run.metrics["val/isc"]["summary"].startswith("max")
+    assert run.metrics["*"]["step_metric"] == "trainer/global_step"
+
+
+def test_sample_grids_and_attention_maps_are_logged_as_images(wandb_run):
+    run = read_run(wandb_run)
+    images = {k.split("/_type")[0] for row in run.history for k, v in row.items()
+              if k.endswith("/_type") and "images" in str(v)}
+    assert {"samples/ema_grid", "attention_maps/G"} <= images
+    media = list((wandb_run.parent / "files" / "media" / "images").rglob("*.png"))
+    assert any("ema_grid" in p.name for p in media) and any(p.parent.name == "attention_maps" for p in media)
+
+
+def test_resolved_config_and_code_version_are_recorded(wandb_run):
+    run = read_run(wandb_run)
+    assert run.config["git_commit"] and run.config["cli"]["model"]["g_ch"] == 8
+    assert run.config["cli"]["experiment"] == "w"
+
+
+def test_offline_unless_wandb_is_set_up(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert not wandb_configured()
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password x\n")
+    assert wandb_configured()
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    assert wandb_configured()
