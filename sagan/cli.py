@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
 
 from pytorch_lightning import LightningModule, Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
 from .callbacks import AttentionMaps, FIDEvaluation, RunSummary, SampleGrid, WandbDashboard, wandb_loggers
 from .data import SAGANData
 from .errors import SaganError
@@ -92,9 +93,13 @@ class SAGANCLI(LightningCLI):
             "--overwrite", type=bool, default=False,
             help="start a fresh run even if OUTPUT_ROOT/EXPERIMENT already holds a checkpoint (it is replaced)",
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                             "checkpoint.every_n_train_steps": 1000})
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        # last.ckpt every N optimizer steps, on SIGTERM / SIGUSR1 and on errors; the newest 3 periodic ones kept
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 3, "checkpoint.monitor": "step",
+                             "checkpoint.mode": "max", "checkpoint.filename": "step={step}",
+                             "checkpoint.auto_insert_metric_name": False, "checkpoint.every_n_train_steps": 1000,
+                             "checkpoint.save_on_exception": True})
+        parser.add_lightning_class_args(Preemption, "preemption")
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(FIDEvaluation, "fid")
         parser.add_lightning_class_args(AttentionMaps, "attention_maps")
@@ -116,6 +121,17 @@ class SAGANCLI(LightningCLI):
             return
         cfg = self.config[self.subcommand]
         self._configure_wandb(cfg)
+        run_dir = Path(_run_dir(cfg.output_root, cfg.experiment))
+        try:  # an unwritable output folder fails now, not at the first checkpoint
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise SaganError(
+                f"the output folder {str(run_dir)!r} is not writable ({e.strerror or e}): choose another "
+                "--output_root or --experiment"
+            ) from None
         last = Path(_ckpt_dir(cfg.output_root, cfg.experiment)) / "last.ckpt"
         if cfg.ckpt_path is None and last.exists() and not cfg.overwrite:
             raise SaganError(
@@ -140,9 +156,18 @@ class SAGANCLI(LightningCLI):
                 args["offline"] = True
 
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # temp file + rename; weights_only loads
+        return trainer
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sagan`` console script."""
     argv = sys.argv[1:] if args is None else list(args)
+    # The data module resumes mid-epoch exactly (see SAGANData.train_dataloader); Lightning's check for that is
+    # made for automatic optimisation and misfires here.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     if argv[:1] == ["evaluate"]:
         from .evaluate import main as evaluate_main
 

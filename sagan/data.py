@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchvision import transforms
 
 from .errors import ConfigError, DataError
@@ -107,24 +108,62 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
 
 
 class ImageFolderDataset(Dataset):
-    """Images of :func:`scan_image_folder`; an unreadable file raises :class:`DataError` naming it."""
+    """Images of :func:`scan_image_folder`.
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: transforms.Compose, mode: str) -> None:
-        self.samples, self.transform, self.mode = samples, transform, mode
+    An unreadable or truncated file raises :class:`DataError` naming it (``bad_images="stop"``), or is skipped
+    (``"skip"``): a warning names it, ``skipped`` counts it (per process / worker), and the next readable image of
+    the folder is served in its place so batches keep their size.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: transforms.Compose, mode: str,
+                 bad_images: str = "stop") -> None:
+        self.samples, self.transform, self.mode, self.bad_images = samples, transform, mode, bad_images
+        self.skipped: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _load(self, path: Path) -> Image.Image:
+        with Image.open(path) as img:
+            return img.convert(self.mode)  # decodes fully: truncated files fail here
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert(self.mode)  # decodes fully: truncated files fail here
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise DataError(
-                f"cannot read image {str(path)!r} ({type(e).__name__}: {e}): remove or replace the file"
-            ) from None
-        return self.transform(img), label
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            if path in self.skipped:
+                continue
+            try:
+                return self.transform(self._load(path)), label
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                if self.bad_images == "stop":
+                    raise DataError(
+                        f"cannot read image {str(path)!r} ({type(e).__name__}: {e}): remove or replace the file, "
+                        "or set data.bad_images: skip"
+                    ) from None
+                self.skipped.add(path)
+                warnings.warn(f"skipping unreadable image {str(path)!r} ({type(e).__name__}); "
+                              f"{len(self.skipped)} skipped so far", stacklevel=2)
+        raise DataError(f"no image of the folder could be read ({len(self.skipped)} unreadable files)")
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled, sharded (one shard per process), drop-last sampler whose first epoch after a resume starts
+    ``skip`` samples in, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+
+    The permutation of epoch e depends only on (seed, e), as in ``DistributedSampler``; being a
+    ``DistributedSampler``, Lightning leaves it in place under DDP and calls ``set_epoch`` on it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices = torch.randperm(len(self.dataset), generator=g)[: self.total_size]
+        shard = indices[self.rank : self.total_size : self.num_replicas].tolist()  # (num_samples,)
+        skip, self.skip = self.skip, 0
+        return iter(shard[skip:])
 
 
 # ------------------------------------------------------------------------------------------------ data module
@@ -140,6 +179,9 @@ class SAGANData(pl.LightningDataModule):
         num_workers: DataLoader workers.
         download: let torchvision download CIFAR-10 into ``root`` (needs internet).
         hflip: random horizontal flips (off for digits, whose identity is not flip-invariant).
+        bad_images: unreadable or truncated files in a folder: 'stop' with an error naming the file, or 'skip'
+            (warn, count, serve the next readable image).
+        seed: seed of the shuffling (None = the run's ``seed_everything`` seed).
     """
 
     def __init__(
@@ -152,8 +194,12 @@ class SAGANData(pl.LightningDataModule):
         num_workers: int = 0,
         download: bool = False,
         hflip: bool = False,
+        bad_images: Literal["stop", "skip"] = "stop",
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        if bad_images not in ("stop", "skip"):
+            raise ConfigError(f"data.bad_images must be 'stop' or 'skip', got {bad_images!r}")
         if dataset not in DATASETS:
             raise ConfigError(f"data.dataset {dataset!r} is unknown: choose one of {list(DATASETS)}")
         check_resolution(resolution)
@@ -168,6 +214,7 @@ class SAGANData(pl.LightningDataModule):
         self.save_hyperparameters()
         self.dataset, self.root, self.resolution, self.channels = dataset, root, resolution, channels
         self.batch_size, self.num_workers, self.download, self.hflip = batch_size, num_workers, download, hflip
+        self.bad_images, self.seed = bad_images, seed
         self._samples: list[tuple[Path, int]] = []
         if dataset == "folder":
             self._samples, self.classes = scan_image_folder(root)
@@ -216,7 +263,8 @@ class SAGANData(pl.LightningDataModule):
                 [transforms.Grayscale(), self._pil_transform(augment)]
             )
             return ds
-        return ImageFolderDataset(self._samples, self._pil_transform(augment), "RGB" if self.channels == 3 else "L")
+        return ImageFolderDataset(self._samples, self._pil_transform(augment), "RGB" if self.channels == 3 else "L",
+                                  self.bad_images)
 
     def fingerprint(self, split: str = "train") -> str:
         """A short hash of what the images of ``split`` are made from, and how: changes when the data does.
@@ -253,13 +301,29 @@ class SAGANData(pl.LightningDataModule):
                 )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches, one shard per process; after a resume, the first epoch continues where it stopped.
+
+        The position comes from the module's count of batches trained on (saved in its checkpoint) and the epoch
+        Lightning restored; the loader's own random generator keeps worker seeding off the global RNG, so
+        resuming does not shift the model's random stream.
+        """
         assert self.train_set is not None, "call setup() first"
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(self.train_set, num_replicas=world, rank=rank, seed=seed)
+        per_epoch = len(sampler) // self.batch_size
+        module = trainer.lightning_module if trainer is not None else None
+        seen = int(getattr(module, "batches_seen", 0))
+        if seen and per_epoch:
+            sampler.skip = max(0, min(per_epoch, seen - trainer.current_epoch * per_epoch)) * self.batch_size
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(seed + rank),
         )

@@ -11,9 +11,12 @@ G (``torch.optim.swa_utils.AveragedModel``) is updated. One *iteration* is one G
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
+
+import numpy as np
 
 import pytorch_lightning as pl
 import torch
@@ -21,10 +24,41 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
 
-from .errors import ConfigError
+from .checkpointing import DivergenceError
+from .errors import CheckpointError, ConfigError
 from .layers import refresh_spectral_norm
 from .losses import get_losses
 from .models import Discriminator, Generator, attention_layers
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global random states (torch CPU and CUDA, NumPy, Python) as tensors and plain containers."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": _py_state(),
+    }
+
+
+def _py_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_py = state["python"]
+    random.setstate((version, tuple(internal), gauss_py))
 
 
 def _grad_norm(module: torch.nn.Module) -> Tensor:
@@ -70,6 +104,9 @@ class SAGAN(pl.LightningModule):
         sample_per_class: samples per class row in the fixed-noise grid (conditional models).
         sample_num: number of samples in the fixed-noise grid of unconditional models.
         sample_seed: seed of the fixed sample noise (stored in the checkpoint, so grids stay comparable on resume).
+        nonfinite: what a non-finite loss or gradient norm does: 'stop' training with an error naming the step
+            (the last good checkpoint stays as it was), or 'skip' that optimizer step, at most ``max_skips`` times.
+        max_skips: how many non-finite steps 'skip' tolerates before stopping.
     """
 
     def __init__(
@@ -96,6 +133,8 @@ class SAGAN(pl.LightningModule):
         sample_per_class: int = 10,
         sample_num: int = 64,
         sample_seed: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        max_skips: int = 10,
     ) -> None:
         super().__init__()
         if n_dis < 1:
@@ -115,6 +154,8 @@ class SAGAN(pl.LightningModule):
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
         self.d_steps = 0  # discriminator updates so far
         self.g_steps = 0  # generator updates (= iterations) so far
+        self.batches_seen = 0  # training batches consumed (the data position, for exact resume)
+        self.skipped_steps = 0  # optimizer steps skipped as non-finite
         self._last_step_time: float | None = None
 
         # Fixed sample noise, a persistent buffer: identical grids across steps and resumes.
@@ -182,7 +223,8 @@ class SAGAN(pl.LightningModule):
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(loss_d)
         grad_norm = _grad_norm(self.discriminator)
-        opt_d.step()
+        if self._finite("discriminator", loss_d, grad_norm):
+            opt_d.step()
         self.d_steps += 1
         return {"loss_d": loss_d.detach(), "d_real": d_real.detach().mean(), "d_fake": d_fake.detach().mean(),
                 "grad_norm_d": grad_norm, "lr_d": torch.tensor(opt_d.param_groups[0]["lr"])}
@@ -196,13 +238,37 @@ class SAGAN(pl.LightningModule):
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         grad_norm = _grad_norm(self.generator)
-        opt_g.step()
+        finite = self._finite("generator", loss_g, grad_norm)
+        if finite:
+            opt_g.step()
         self.untoggle_optimizer(opt_g)
-        self.g_ema.update_parameters(self.generator)
+        if finite:
+            self.g_ema.update_parameters(self.generator)
         self.g_steps += 1
         return {"loss_g": loss_g.detach(), "grad_norm_g": grad_norm, "lr_g": torch.tensor(opt_g.param_groups[0]["lr"])}
 
+    def _finite(self, net: str, loss: Tensor, grad_norm: Tensor) -> bool:
+        """Whether this optimizer step may run; decided the same on every rank (one rank's NaN stops them all)."""
+        bad = not bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return True
+        where = (f"iteration {self.g_steps} (optimizer step {self.trainer.global_step}, "
+                 f"batch {self.batches_seen})")
+        if self.hparams.nonfinite == "skip" and self.skipped_steps < self.hparams.max_skips:
+            self.skipped_steps += 1
+            self.print(f"sagan: warning: non-finite {net} loss/gradient at {where}: step skipped "
+                       f"({self.skipped_steps} of at most {self.hparams.max_skips})")
+            return False
+        raise DivergenceError(
+            f"training diverged: non-finite {net} loss ({float(loss):.4g}) or gradient norm ({float(grad_norm):.4g}) "
+            f"at {where}. Stopped before the update; the last good checkpoint is untouched. Resume from it with "
+            "lower learning rates, or set model.nonfinite: skip to skip such steps"
+        )
+
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
+        self.batches_seen += 1
         x, y = batch[0], batch[1]
         if not self.conditional:
             y = None
@@ -222,10 +288,35 @@ class SAGAN(pl.LightningModule):
         self.log("train/iteration", float(self.g_steps), batch_size=x.shape[0])
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    ARCHITECTURE_KEYS = ("resolution", "img_channels", "num_classes", "conditional", "z_dim", "g_ch", "d_ch",
+                         "g_ch_mult", "d_ch_mult", "g_attn", "d_attn")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sagan"] = {"d_steps": self.d_steps, "g_steps": self.g_steps, "format": 1}
+        rng = _rng_state()
+        if self._trainer is not None and self.trainer.world_size > 1:  # every rank's stream (all ranks call this)
+            rngs = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        checkpoint["sagan"] = {"d_steps": self.d_steps, "g_steps": self.g_steps, "batches_seen": self.batches_seen,
+                               "skipped_steps": self.skipped_steps, "rng": rngs, "format": 1}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hp = checkpoint.get("hyper_parameters", {})
+        diff = {k: (hp.get(k), self.hparams.get(k)) for k in self.ARCHITECTURE_KEYS
+                if k in hp and _norm(hp.get(k)) != _norm(self.hparams.get(k))}
+        if diff:
+            pretty = ", ".join(f"{k}={a!r} in the checkpoint vs {b!r} here" for k, (a, b) in diff.items())
+            raise CheckpointError(
+                f"the checkpoint is of another architecture ({pretty}): resume with the run's own config "
+                "(its config.yaml), or start a fresh run"
+            )
         state = checkpoint.get("sagan", {})
         self.d_steps = int(state.get("d_steps", 0))
         self.g_steps = int(state.get("g_steps", 0))
+        self.batches_seen = int(state.get("batches_seen", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        rngs = state.get("rng") or []
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if rngs and len(rngs) == (self.trainer.world_size if self._trainer is not None else 1):
+            _set_rng_state(rngs[rank])  # exact continuation of this rank's random stream

@@ -1,11 +1,14 @@
 """Benchmarks of sagan on the current device; results go to BENCHMARKS.md by hand, with this command line.
 
     python scripts/benchmark.py generate [--batch-size 64] [--repeats 5]
+    python scripts/benchmark.py logging [--steps 150] [--interval 25]
     python scripts/benchmark.py fid [--sizes 1000 10000] [--weights PATH]
 
 Sections:
   generate  images/s of ``sagan generate``'s path (EMA-style eval generator, seeded latents, uint8 out) at 32x32
             (configs/cifar10.yaml's G) and 64x64 (configs/celeba64.yaml's G); median of repeats after a warm-up.
+  logging   cost of W&B logging (offline WandbLogger, the configs' logging interval) per training step of the
+            digits config, against no logger; runs alternate (none, W&B, none, W&B), mean step time after warm-up.
   fid   time of FID for N generated 32x32 images: in-memory (``sagan.metrics.compute_metrics`` on the generator)
         versus writing PNGs and running torch-fidelity's ``fidelity`` command on the folder. Reference statistics
         are cached beforehand and shared by both paths, so only the generated side is timed. Without --weights a
@@ -138,9 +141,67 @@ def bench_generate(batch_size: int, repeats: int) -> list[str]:
     return rows
 
 
+def bench_logging(steps: int, interval: int, warmup: int = 20) -> list[str]:
+    import statistics
+
+    import pytorch_lightning as pl
+    import yaml
+    from pytorch_lightning.loggers import WandbLogger
+
+    from sagan.data import SAGANData
+    from sagan.module import SAGAN
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    cfg = yaml.safe_load((REPO / "configs/digits.yaml").read_text())
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.t.append(time.perf_counter())
+
+    def run(use_wandb: bool, work: Path) -> float:
+        pl.seed_everything(0, verbose=False)
+        dm = SAGANData(**cfg["data"])
+        model = SAGAN(resolution=32, img_channels=dm.channels, num_classes=dm.num_classes, **cfg["model"])
+        timer = StepTimer()
+        logger = WandbLogger(project="sagan-bench", save_dir=str(work), offline=True) if use_wandb else False
+        trainer = pl.Trainer(accelerator="cpu", max_steps=2 * steps, logger=logger, log_every_n_steps=interval,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[timer], default_root_dir=str(work))
+        trainer.fit(model, dm)
+        if use_wandb:
+            import wandb
+
+            wandb.finish()
+        dt = [b - a for a, b in zip(timer.t[warmup:], timer.t[warmup + 1:])]
+        return statistics.fmean(dt)
+
+    work = Path(tempfile.mkdtemp(prefix="sagan-bench-"))
+    try:
+        none, wb = [], []
+        for _ in range(2):
+            none.append(run(False, work))
+            wb.append(run(True, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    t0, t1 = statistics.fmean(none), statistics.fmean(wb)
+    return [
+        f"digits config, {steps} iterations per run (n_dis=1), log_every_n_steps={interval}, mean step time after "
+        f"{warmup} warm-up steps, 2 runs each, alternating",
+        "| logger | mean step (ms) | runs (ms) |", "| --- | ---: | ---: |",
+        f"| none | {t0 * 1e3:.1f} | {', '.join(f'{x * 1e3:.1f}' for x in none)} |",
+        f"| WandbLogger (offline) | {t1 * 1e3:.1f} | {', '.join(f'{x * 1e3:.1f}' for x in wb)} |",
+        f"overhead of W&B logging: {100 * (t1 - t0) / t0:+.1f}% per training step",
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=["generate", "fid"])
+    p.add_argument("section", choices=["generate", "logging", "fid"])
+    p.add_argument("--steps", type=int, default=150, help="iterations per run (logging)")
+    p.add_argument("--interval", type=int, default=25, help="log_every_n_steps (logging)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -153,6 +214,8 @@ def main() -> None:
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}", flush=True)
     if a.section == "generate":
         rows = bench_generate(a.batch_size or 64, a.repeats)
+    elif a.section == "logging":
+        rows = bench_logging(a.steps, a.interval)
     elif a.section == "fid":
         rows = bench_fid(a.sizes, a.weights, a.batch_size or 100)
     print("\n".join(rows))
