@@ -156,6 +156,12 @@ class SAGANCLI(LightningCLI):
                 args["offline"] = True
 
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would overwrite the model config with the checkpoint's hyper-parameters (learning rates and
+        all, silently, through an unguarded ``torch.load``). Here the config given is the config used: resuming
+        with new learning rates works, and a checkpoint of another architecture is refused when it is restored,
+        with the differences named (see ``SAGAN.on_load_checkpoint``)."""
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # temp file + rename; weights_only loads

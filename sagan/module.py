@@ -262,7 +262,7 @@ class SAGAN(pl.LightningModule):
                        f"({self.skipped_steps} of at most {self.hparams.max_skips})")
             return False
         raise DivergenceError(
-            f"training diverged: non-finite {net} loss ({float(loss):.4g}) or gradient norm ({float(grad_norm):.4g}) "
+            f"training diverged: non-finite {net} loss ({float(loss.detach()):.4g}) or gradient norm ({float(grad_norm):.4g}) "
             f"at {where}. Stopped before the update; the last good checkpoint is untouched. Resume from it with "
             "lower learning rates, or set model.nonfinite: skip to skip such steps"
         )

@@ -1,0 +1,211 @@
+"""Resume exactly, never lose a run, clear errors: real subprocesses killed with SIGKILL / SIGTERM, injected NaNs,
+full disks, foreign and truncated checkpoints, unreadable images."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sagan.cli import main
+
+from conftest import REPO, TINY, write_images
+
+FIT = [sys.executable, "-m", "sagan.cli", "fit", "--config", str(REPO / "configs/digits.yaml"), *TINY,
+       "--data.batch_size", "64", "--samples.every_n_steps", "0"]
+
+
+def run_cli(args):
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def _wait_for(pred, timeout: float, proc: subprocess.Popen) -> None:
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _global_step(path: Path) -> int:
+    try:
+        return int(_state(path)["global_step"])
+    except Exception:  # noqa: BLE001 - being written / not there yet
+        return -1
+
+
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["sagan"]["g_steps"] == b["sagan"]["g_steps"] and a["sagan"]["batches_seen"] == b["sagan"]["batches_seen"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:  # G, D, EMA, spectral-norm vectors, BN statistics, sample noise: bitwise
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"]):
+        for sa, sb in zip(oa["state"].values(), ob["state"].values()):
+            for k in sa:
+                assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    # 22 batches per epoch: 60 optimizer steps (n_dis=1) are 30 batches, so the run crosses an epoch boundary
+    common = [*FIT, "--output_root", str(tmp_path), "--trainer.max_steps", "60",
+              "--checkpoint.every_n_train_steps", "2"]
+    ref = subprocess.run([*common, "--experiment", "ref"], capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([*common, "--experiment", "run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        _wait_for(lambda: _global_step(last) >= 14, 240, proc)
+        proc.send_signal(signal.SIGKILL)  # no chance to clean up
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    killed_at = _global_step(last)
+    assert 14 <= killed_at < 60, killed_at  # a real interruption in the middle of the run
+    res = subprocess.run([*common, "--experiment", "run", "--ckpt_path", "last"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_training_state(_state(tmp_path / "ref/checkpoints/last.ckpt"), _state(last))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.timeout(300)
+def test_signal_saves_a_complete_checkpoint_and_exits_cleanly(tmp_path, sig):
+    cmd = [*FIT, "--output_root", str(tmp_path), "--experiment", "p", "--trainer.max_steps", "100000",
+           "--checkpoint.every_n_train_steps", "100000", "--samples.every_n_steps", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    grid = tmp_path / "p" / "samples" / "step_000003.png"
+    try:
+        _wait_for(grid.exists, 240, proc)  # training is under way
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    state = _state(tmp_path / "p" / "checkpoints" / "last.ckpt")
+    assert 6 <= state["global_step"] < 100000 and state["sagan"]["g_steps"] >= 3
+    assert state["optimizer_states"] and state["state_dict"]
+    assert not list((tmp_path / "p" / "checkpoints").glob("*.tmp-*"))  # no half-written files left
+
+
+def _nan_after(n: int, until: int = 10**9):
+    """A get_losses whose discriminator loss is NaN on calls n+1 .. until."""
+    from sagan.losses import d_hinge, g_hinge
+
+    calls = {"n": 0}
+
+    def d_loss(real, fake):
+        calls["n"] += 1
+        loss = d_hinge(real, fake)
+        return loss * float("nan") if n < calls["n"] <= until else loss
+
+    return lambda name: (d_loss, g_hinge)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    import sagan.module
+
+    monkeypatch.setattr(sagan.module, "get_losses", _nan_after(5))  # batches 1-5 fine, NaN from batch 6
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--experiment", "nan", "--trainer.max_steps", "40",
+            "--checkpoint.every_n_train_steps", "4", "--samples.every_n_steps", "0"]
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "iteration 5" in err and "Traceback" not in err
+    state = _state(tmp_path / "nan" / "checkpoints" / "last.ckpt")  # loadable
+    assert state["global_step"] == 8  # the last periodic save before the NaN, untouched
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_nan_loss_can_be_skipped_a_bounded_number_of_times(tmp_path, monkeypatch, capsys):
+    import sagan.module
+
+    monkeypatch.setattr(sagan.module, "get_losses", _nan_after(3, until=5))  # two bad batches, then fine
+    base = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--samples.every_n_steps", "0", "--model.nonfinite", "skip"]
+    assert run_cli([*base, "--experiment", "a", "--trainer.max_steps", "10", "--model.max_skips", "5"]) == 0
+    assert _state(tmp_path / "a/checkpoints/last.ckpt")["sagan"]["skipped_steps"] == 2
+    monkeypatch.setattr(sagan.module, "get_losses", _nan_after(3))
+    assert run_cli([*base, "--experiment", "b", "--trainer.max_steps", "40", "--model.max_skips", "2"]) == 2
+    assert "training diverged" in capsys.readouterr().err
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--experiment", "full", "--samples.every_n_steps", "0",
+            "--checkpoint.every_n_train_steps", "2"]
+    assert run_cli([*args, "--trainer.max_steps", "4"]) == 0
+    last = tmp_path / "full/checkpoints/last.ckpt"
+    before = last.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if hasattr(f, "write"):
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert run_cli([*args, "--trainer.max_steps", "8", "--ckpt_path", "last"]) == 2
+    monkeypatch.setattr(torch, "save", real_save)
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "intact" in err and "Traceback" not in err
+    assert last.read_bytes() == before
+    assert not list(last.parent.glob("*.tmp-*"))
+
+
+def test_resume_from_other_architecture_or_truncated_checkpoint(tmp_path, capsys):
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--experiment", "arch", "--samples.every_n_steps", "0"]
+    assert run_cli([*args, "--trainer.max_steps", "2"]) == 0
+    ckpt = tmp_path / "arch/checkpoints/last.ckpt"
+    capsys.readouterr()
+    assert run_cli([*args, "--trainer.max_steps", "4", "--ckpt_path", str(ckpt), "--model.g_ch", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "another architecture" in err and "g_ch=8 in the checkpoint vs 16 here" in err and "Traceback" not in err
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:1000])
+    assert run_cli([*args, "--trainer.max_steps", "4", "--ckpt_path", str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or truncated" in err and "Traceback" not in err
+
+
+def test_unwritable_output_folder_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    assert run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--output_root", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and "--output_root" in err and "Traceback" not in err
+
+
+def test_unreadable_images_skipped_and_counted_when_asked(tmp_path, recwarn):
+    paths = write_images(tmp_path / "imgs", 12, size=32)
+    paths[2].write_bytes(b"garbage")
+    data = paths[7].read_bytes()
+    paths[7].write_bytes(data[: len(data) // 3])
+    args = ["fit", "--config", str(REPO / "configs/celeba64.yaml"), *TINY, "--output_root", str(tmp_path),
+            "--experiment", "skip", "--data.root", str(tmp_path / "imgs"), "--data.resolution", "32",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--data.bad_images", "skip",
+            "--model.g_attn", "[16]", "--model.d_attn", "[16]", "--trainer.max_steps", "12"]
+    assert run_cli(args) == 0
+    skipped = {str(w.message) for w in recwarn if "skipping unreadable image" in str(w.message)}
+    assert any("img_002.png" in m for m in skipped) and any("img_007.png" in m for m in skipped)
+    assert any("2 skipped so far" in m for m in skipped)
