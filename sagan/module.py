@@ -11,6 +11,7 @@ G (``torch.optim.swa_utils.AveragedModel``) is updated. One *iteration* is one G
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -155,6 +156,7 @@ class SAGAN(pl.LightningModule):
         self.d_steps = 0  # discriminator updates so far
         self.g_steps = 0  # generator updates (= iterations) so far
         self.batches_seen = 0  # training batches consumed (the data position, for exact resume)
+        self.__dict__["_ddp"] = {}  # DDP wrappers of G and D (sagan.strategy), kept out of the state dict
         self.skipped_steps = 0  # optimizer steps skipped as non-finite
         self._last_step_time: float | None = None
 
@@ -175,6 +177,44 @@ class SAGAN(pl.LightningModule):
     @property
     def conditional(self) -> bool:
         return self.num_classes > 0
+
+    def set_ddp_wrappers(self, generator: torch.nn.Module | None, discriminator: torch.nn.Module | None) -> None:
+        """Called by ``GANDDPStrategy``: the DDP wrappers to train G and D through (None: the plain modules)."""
+        self.__dict__["_ddp"] = {"g": generator, "d": discriminator} if generator is not None else {}
+
+    @property
+    def g_train(self) -> torch.nn.Module:
+        """G for its own training step: its DDP wrapper under ``GANDDPStrategy``, else G itself."""
+        return self.__dict__["_ddp"].get("g") or self.generator
+
+    @property
+    def d_train(self) -> torch.nn.Module:
+        """D for its own training step: its DDP wrapper under ``GANDDPStrategy``, else D itself."""
+        return self.__dict__["_ddp"].get("d") or self.discriminator
+
+    def setup(self, stage: str) -> None:
+        """Per-rank noise: rank r > 0 reseeds its random streams with (seed + r), so ranks draw different latents
+        (rank 0 keeps the stream a single-process run would have). A resumed run then restores every rank's exact
+        stream from the checkpoint."""
+        if stage == "fit" and self.trainer.world_size > 1 and self.trainer.global_rank > 0:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + self.trainer.global_rank
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+
+    def on_fit_start(self) -> None:
+        from pytorch_lightning.strategies import DDPStrategy
+
+        from .strategy import GANDDPStrategy
+
+        strategy = self.trainer.strategy
+        if (isinstance(strategy, DDPStrategy) and not isinstance(strategy, GANDDPStrategy)
+                and not strategy._ddp_kwargs.get("find_unused_parameters", False)):
+            raise ConfigError(
+                "one DDP wrapper around G and D needs find_unused_parameters=True (a D step never uses G): use "
+                "--config configs/trainer/ddp.yaml (sagan.strategy.GANDDPStrategy, one wrapper per network), or "
+                "--trainer.strategy ddp_find_unused_parameters_true"
+            )
 
     def sample_latents(self, n: int) -> tuple[Tensor, Tensor | None]:
         """Random latents z ~ N(0, I) and, for conditional models, uniform class labels."""
@@ -217,7 +257,7 @@ class SAGAN(pl.LightningModule):
         with torch.no_grad():
             fake = self.generator(z, y_fake)
         labels = torch.cat([y, y_fake]) if self.conditional else None
-        logits = self.discriminator(torch.cat([x, fake]), labels)  # one forward for real and fake: (2B,)
+        logits = self.d_train(torch.cat([x, fake]), labels)  # one forward for real and fake: (2B,)
         d_real, d_fake = logits[:b], logits[b:]
         loss_d = self.d_loss_fn(d_real, d_fake)
         opt_d.zero_grad(set_to_none=True)
@@ -234,7 +274,7 @@ class SAGAN(pl.LightningModule):
         opt_g, _ = self.optimizers()
         self.toggle_optimizer(opt_g)
         z, y_fake = self.sample_latents(batch_size)
-        loss_g = self.g_loss_fn(self.discriminator(self.generator(z, y_fake), y_fake))
+        loss_g = self.g_loss_fn(self.discriminator(self.g_train(z, y_fake), y_fake))  # frozen D, not its wrapper
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         grad_norm = _grad_norm(self.generator)

@@ -1,0 +1,121 @@
+"""Real DDP with 2 CPU processes (gloo): ranks stay identical, 2 x B equals 1 x 2B, a dead rank ends the job."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parent / "ddp_script.py"
+
+
+def _run(out: Path, *args: str, timeout: int = 300) -> None:
+    res = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.mark.timeout(600)
+def test_ranks_hold_identical_weights_ema_and_buffers(tmp_path):
+    _run(tmp_path, "--devices", "2", "--batch", "8", "--steps", "8", "--plain-noise")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["g_steps"] == r1["g_steps"] == 4
+    checked = 0
+    for k, v in r0["state"].items():
+        if k.endswith(BN_STATS):
+            # G's BatchNorm statistics are per-rank batch statistics (broadcast from rank 0 at each G forward, then
+            # updated locally); SyncBatchNorm (GPU only) makes them global. Everything else must match bitwise.
+            continue
+        assert torch.equal(v, r1["state"][k]), k  # G, D and EMA weights, spectral-norm u/v, EMA count, noise
+        checked += 1
+    assert checked > 100
+    sn = [k for k in r0["state"] if k.endswith("_u")]
+    assert any(k.startswith("discriminator.") for k in sn) and any(k.startswith("g_ema.") for k in sn)
+
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference over every weight, SN vector and EMA weight (all of order 0.1 to 1)."""
+    return max((v - b[k]).abs().max().item() for k, v in a.items()
+               if v.is_floating_point() and not k.endswith(BN_STATS) and not k.startswith("sample_"))
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    for name, args in (("ddp", ["--devices", "2", "--batch", "8"]), ("one", ["--devices", "1", "--batch", "16"])):
+        _run(tmp_path / name, *args, "--steps", "8", "--freeze-bn")
+        _run(tmp_path / f"{name}_bn", *args, "--steps", "8")
+    load = lambda n: torch.load(tmp_path / n / "rank0.pt", weights_only=True)["state"]  # noqa: E731
+    exact = _max_abs_diff(load("one"), load("ddp"))
+    with_bn = _max_abs_diff(load("one_bn"), load("ddp_bn"))
+    # Same samples (the two shards are the two halves of the one-process batch), same latents, G's BatchNorm
+    # without batch coupling: the only difference left is the order of float32 reductions (two half-batch means
+    # averaged by all-reduce vs one mean over the batch), ~1e-7 relative per operation. Adam's normalised update
+    # can amplify a rounding difference in a near-zero gradient entry, which is why the bound is 2e-5 (measured:
+    # about 3e-6 after 4 iterations) rather than 1e-6. Any real mismatch of data, noise or gradient averaging
+    # moves weights apart by about a learning rate (1e-4 to 4e-4) per step, far above the bound.
+    assert exact < 2e-5, exact
+    # With BatchNorm in training mode, G normalises each process's half batch with its own statistics: not exact
+    # (SyncBatchNorm, GPU only, restores it). The gap must be clearly larger than the reduction-order noise.
+    assert with_bn > 10 * exact, (with_bn, exact)
+
+
+@pytest.mark.timeout(300)
+def test_killing_one_rank_ends_the_whole_job(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--devices", "2", "--long",
+                             "--plain-noise"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        child = None
+        t = time.time()
+        while time.time() - t < 120 and child is None:  # rank 1 is launched by rank 0 (Lightning's launcher)
+            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            child = int(kids[0]) if kids else None
+            time.sleep(0.5)
+        assert child is not None, "rank 1 never started"
+        time.sleep(15)  # let both ranks get into training
+        assert proc.poll() is None
+        t_kill = time.time()
+        subprocess.run(["kill", "-9", str(child)])
+        proc.wait(timeout=120)  # the DDP timeout is 30 min: ending sooner means the failure was detected
+        elapsed = time.time() - t_kill
+    finally:
+        proc.kill()
+    out = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode != 0 and "finished" not in out
+    assert elapsed < 120
+
+
+@pytest.mark.timeout(600)
+def test_cli_ddp_fid_once_then_resume_on_one_process(tmp_path):
+    from conftest import REPO, TINY
+
+    base = [sys.executable, "-m", "sagan.cli", "fit", "--config", str(REPO / "configs/digits.yaml"), *TINY,
+            "--output_root", str(tmp_path), "--experiment", "ddp", "--data.batch_size", "8",
+            "--trainer.accelerator", "cpu", "--samples.every_n_steps", "2"]
+    res = subprocess.run([*base, "--trainer.devices", "2", "--trainer.strategy", "sagan.strategy.GANDDPStrategy",
+                          "--trainer.strategy.process_group_backend", "gloo", "--trainer.max_steps", "8",
+                          "--fid.every_n_steps", "2", "--fid.num_samples", "100",
+                          "--fid.cache_root", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert out.count("[iteration 2] val/fid=") == 1  # computed once (rank 0), printed once, no rank left waiting
+    assert out.count("[iteration 4] val/fid=") == 1
+    run = tmp_path / "ddp"
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert len(state["sagan"]["rng"]) == 2  # both ranks' random streams
+    assert (run / "checkpoints/best.ckpt").is_file()
+    # resume the 2-process run on 1 process
+    res = subprocess.run([*base, "--trainer.devices", "1", "--trainer.max_steps", "12", "--ckpt_path", "last"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert state["global_step"] == 12 and state["sagan"]["g_steps"] == 6
