@@ -133,8 +133,13 @@ class SelfAttention2d(nn.Module):
             attn = torch.softmax(q @ k.transpose(1, 2), dim=-1)  # (B, N, N_key)
             o = attn @ v  # (B, N, C/2)
         else:
-            # (B, 1, N, d) with one head; scale=1 because SAGAN does not scale the logits.
-            o = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0)
+            # Fused kernels (flash / memory-efficient) need one head size for q, k and v; zero-padding q and k from
+            # C/8 to v's C/2 leaves every logit q.k unchanged and lets SDPA pick them instead of its math fallback,
+            # which would build the N x N_key map (BENCHMARKS.md: ~4x faster, ~6x less memory at 64x64 on a CPU).
+            pad = v.shape[-1] - q.shape[-1]
+            qp, kp = (F.pad(q, (0, pad)), F.pad(k, (0, pad))) if pad > 0 else (q, k)  # (B, N, C/2), (B, N_key, C/2)
+            # (B, 1, N, d): one head; scale=1 because SAGAN does not scale the logits.
+            o = F.scaled_dot_product_attention(qp.unsqueeze(1), kp.unsqueeze(1), v.unsqueeze(1), scale=1.0)
             o = o.squeeze(1)  # (B, N, C/2)
         o = o.transpose(1, 2).reshape(b, c // 2, h, w)  # (B, C/2, H, W)
         y = self.gamma * self.out(o) + x

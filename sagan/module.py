@@ -108,6 +108,10 @@ class SAGAN(pl.LightningModule):
         nonfinite: what a non-finite loss or gradient norm does: 'stop' training with an error naming the step
             (the last good checkpoint stays as it was), or 'skip' that optimizer step, at most ``max_skips`` times.
         max_skips: how many non-finite steps 'skip' tolerates before stopping.
+        channels_last: keep G, D and their inputs in channels-last memory format (see BENCHMARKS.md for when it
+            pays off). Mixed precision is the trainer's ``precision`` (e.g. ``bf16-mixed``).
+        compile: ``torch.compile`` the networks as used in the training steps (pays off on long GPU runs; the first
+            steps compile).
     """
 
     def __init__(
@@ -136,6 +140,8 @@ class SAGAN(pl.LightningModule):
         sample_seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
         max_skips: int = 10,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if n_dis < 1:
@@ -184,13 +190,31 @@ class SAGAN(pl.LightningModule):
 
     @property
     def g_train(self) -> torch.nn.Module:
-        """G for its own training step: its DDP wrapper under ``GANDDPStrategy``, else G itself."""
-        return self.__dict__["_ddp"].get("g") or self.generator
+        """G for its own training step: its DDP wrapper under ``GANDDPStrategy``, else G itself (compiled if asked)."""
+        return self._fast("g", self.__dict__["_ddp"].get("g") or self.generator)
 
     @property
     def d_train(self) -> torch.nn.Module:
-        """D for its own training step: its DDP wrapper under ``GANDDPStrategy``, else D itself."""
-        return self.__dict__["_ddp"].get("d") or self.discriminator
+        """D for its own training step: its DDP wrapper under ``GANDDPStrategy``, else D itself (compiled if asked)."""
+        return self._fast("d", self.__dict__["_ddp"].get("d") or self.discriminator)
+
+    @property
+    def d_frozen(self) -> torch.nn.Module:
+        """D as used in G's step (parameters frozen, never its DDP wrapper)."""
+        return self._fast("d_frozen", self.discriminator)
+
+    def _fast(self, key: str, module: torch.nn.Module) -> torch.nn.Module:
+        if not self.hparams.get("compile", False):
+            return module
+        cache = self.__dict__.setdefault("_compiled", {})
+        if key not in cache or cache[key][0] is not module:
+            cache[key] = (module, torch.compile(module))
+        return cache[key][1]
+
+    def on_train_start(self) -> None:
+        if self.hparams.get("channels_last", False):
+            for m in (self.generator, self.discriminator, self.g_ema):
+                m.to(memory_format=torch.channels_last)
 
     def setup(self, stage: str) -> None:
         """Per-rank noise: rank r > 0 reseeds its random streams with (seed + r), so ranks draw different latents
@@ -274,7 +298,7 @@ class SAGAN(pl.LightningModule):
         opt_g, _ = self.optimizers()
         self.toggle_optimizer(opt_g)
         z, y_fake = self.sample_latents(batch_size)
-        loss_g = self.g_loss_fn(self.discriminator(self.g_train(z, y_fake), y_fake))  # frozen D, not its wrapper
+        loss_g = self.g_loss_fn(self.d_frozen(self.g_train(z, y_fake), y_fake))  # frozen D, not its wrapper
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(loss_g)
         grad_norm = _grad_norm(self.generator)
@@ -310,6 +334,8 @@ class SAGAN(pl.LightningModule):
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> None:
         self.batches_seen += 1
         x, y = batch[0], batch[1]
+        if self.hparams.get("channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
         if not self.conditional:
             y = None
         logs = self.d_step(x, y)

@@ -1,10 +1,23 @@
 """Benchmarks of sagan on the current device; results go to BENCHMARKS.md by hand, with this command line.
 
+    python scripts/benchmark.py attention [--repeats 5]
+    python scripts/benchmark.py train [--resolutions 32 64 128] [--modes eager channels_last bf16 compile]
+    python scripts/benchmark.py ddp [--iters 30]
     python scripts/benchmark.py generate [--batch-size 64] [--repeats 5]
     python scripts/benchmark.py logging [--steps 150] [--interval 25]
     python scripts/benchmark.py fid [--sizes 1000 10000] [--weights PATH]
 
 Sections:
+  attention attention block forward+backward, explicit softmax(QK^T)V vs F.scaled_dot_product_attention, batch 16,
+            C=64, feature maps 16/32/64 (and 128 on a GPU), with and without key/value pooling: median time and
+            peak memory (CPU: resident-set high-water mark above the level before the run, each case in a fresh
+            process; CUDA: max_memory_allocated above the baseline).
+  train     one training iteration (n_dis=1: a D step and a G step, through Lightning) in images/s at 32, 64, 128
+            with the shipped configs' widths, batch 16, for eager fp32 NCHW, channels_last, bf16 autocast and
+            torch.compile; plus the FLOPs of one iteration (torch.utils.flop_counter) over its time, next to the
+            rate of a large torch.mm on the same device.
+  ddp       training throughput of the digits config, 1 process vs 2 processes (Lightning DDP, GANDDPStrategy) on
+            the current machine, at the same global batch; on a CPU the processes share the cores.
   generate  images/s of ``sagan generate``'s path (EMA-style eval generator, seeded latents, uint8 out) at 32x32
             (configs/cifar10.yaml's G) and 64x64 (configs/celeba64.yaml's G); median of repeats after a warm-up.
   logging   cost of W&B logging (offline WandbLogger, the configs' logging interval) per training step of the
@@ -197,9 +210,250 @@ def bench_logging(steps: int, interval: int, warmup: int = 20) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------------------------------------------- attention
+def _attn_case(res: int, pool: bool, explicit: bool, repeats: int, batch: int = 16, channels: int = 64) -> dict:
+    """One attention case in this process: median fwd+bwd time and peak memory above the pre-run level."""
+    import resource
+    import statistics
+
+    from sagan.layers import SelfAttention2d
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    m = SelfAttention2d(channels, pool=pool, use_sdpa=not explicit).to(device)
+    with torch.no_grad():
+        m.gamma.fill_(0.5)
+    x = torch.randn(batch, channels, res, res, device=device, requires_grad=True)
+
+    def once() -> float:
+        t = time.perf_counter()
+        y = m(x)
+        y.square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    once()
+    times = [once() for _ in range(repeats)]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"ms": 1e3 * statistics.median(times), "peak_mib": peak / 2**20}
+
+
+def bench_attention(repeats: int) -> list[str]:
+    import json
+
+    sizes = [16, 32, 64] + ([128] if torch.cuda.is_available() else [])
+    rows = ["| feature map | keys pooled | explicit ms | SDPA ms | explicit peak MiB | SDPA peak MiB | memory ratio |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for res in sizes:
+        for pool in (True, False):
+            out = {}
+            for explicit in (True, False):
+                cmd = [sys.executable, __file__, "_attn_case", "--res", str(res), "--repeats", str(repeats)]
+                cmd += ["--pool"] if pool else []
+                cmd += ["--explicit"] if explicit else []
+                res_ = subprocess.run(cmd, capture_output=True, text=True)
+                if res_.returncode != 0:
+                    out[explicit] = None
+                    print(res_.stderr[-800:], file=sys.stderr)
+                else:
+                    out[explicit] = json.loads(res_.stdout.strip().splitlines()[-1])
+            e, f = out[True], out[False]
+            fmt = lambda d, k: f"{d[k]:.1f}" if d else "failed"  # noqa: E731
+            ratio = f"{f['peak_mib'] / e['peak_mib']:.3f}" if e and f and e["peak_mib"] > 0 else "-"
+            rows.append(f"| {res}x{res} (N={res * res}) | {'yes' if pool else 'no'} | {fmt(e, 'ms')} | {fmt(f, 'ms')} "
+                        f"| {fmt(e, 'peak_mib')} | {fmt(f, 'peak_mib')} | {ratio} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- training
+TRAIN_WIDTHS = {32: ("configs/cifar10.yaml", dict(g_ch=64, d_ch=64, g_ch_mult=[4, 4, 4, 4], d_ch_mult=[2, 2, 2, 2],
+                                                   g_attn=[32], d_attn=[8], num_classes=10)),
+                64: ("configs/celeba64.yaml", dict(g_ch=64, d_ch=64, g_attn=[32], d_attn=[32], num_classes=0)),
+                128: ("configs/celeba64.yaml widths at 128", dict(g_ch=64, d_ch=64, g_attn=[32], d_attn=[32],
+                                                                   num_classes=0))}
+
+
+def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16) -> dict:
+    import statistics
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sagan.module import SAGAN
+
+    pl.seed_everything(0, verbose=False)
+    _, widths = TRAIN_WIDTHS[res]
+    model = SAGAN(resolution=res, img_channels=3, z_dim=128, n_dis=1, channels_last=mode == "channels_last",
+                  compile=mode == "compile", **widths)
+    n = batch * (iters + warmup + 1)
+    data = TensorDataset(torch.rand(n, 3, res, res) * 2 - 1, torch.randint(0, max(1, widths["num_classes"]), (n,)))
+
+    class Timer(pl.Callback):
+        t: list[float] = []
+
+        def on_train_batch_end(self, *a, **k) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            Timer.t.append(time.perf_counter())
+
+    precision = "bf16-mixed" if mode == "bf16" else "32-true"
+    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=2 * (iters + warmup), precision=precision,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Timer()])
+    t0 = time.perf_counter()
+    trainer.fit(model, DataLoader(data, batch_size=batch, drop_last=True))
+    dts = [b - a for a, b in zip(Timer.t[warmup - 1:], Timer.t[warmup:])]
+    flops = None
+    if mode == "eager":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model.train()
+        x = torch.rand(batch, 3, res, res, device=model.device) * 2 - 1
+        y = torch.randint(0, max(1, widths["num_classes"]), (batch,), device=model.device)
+        with FlopCounterMode(display=False) as fc:  # one iteration: D step (G fwd, D fwd+bwd on 2B) + G step
+            z, yf = model.sample_latents(batch)
+            with torch.no_grad():
+                fake = model.generator(z, yf)
+            logits = model.discriminator(torch.cat([x, fake]), torch.cat([y, yf]) if model.conditional else None)
+            model.d_loss_fn(logits[:batch], logits[batch:]).backward()
+            z, yf = model.sample_latents(batch)
+            model.g_loss_fn(model.discriminator(model.generator(z, yf), yf)).backward()
+        flops = fc.get_total_flops()
+    return {"images_s": batch / statistics.median(dts), "iter_s": statistics.median(dts),
+            "total_s": time.perf_counter() - t0, "flops": flops}
+
+
+def _mm_rate(device: torch.device, n: int = 4096, repeats: int = 5) -> float:
+    import statistics
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    ts = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(ts[1:])
+
+
+def bench_train(resolutions: list[int], modes: list[str], iters: int, warmup: int) -> list[str]:
+    import json
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mm = _mm_rate(device)
+    rows = ["| resolution (widths) | mode | images/s | s / iteration | vs eager |", "| --- | --- | ---: | ---: | ---: |"]
+    flop_rows = []
+    for res in resolutions:
+        base = None
+        for mode in modes:
+            cmd = [sys.executable, __file__, "_train_case", "--res", str(res), "--mode", mode, "--iters", str(iters),
+                   "--warmup", str(warmup)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                msg = (r.stderr.strip().splitlines() or ["?"])[-1][:120]
+                rows.append(f"| {res} ({TRAIN_WIDTHS[res][0]}) | {mode} | failed: {msg} | | |")
+                print(rows[-1], flush=True)
+                continue
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            if mode == "eager":
+                base = d["images_s"]
+                if d["flops"]:
+                    flop_rows.append(f"| {res} | {d['flops'] / 1e9:.1f} | {d['iter_s']:.2f} | "
+                                     f"{d['flops'] / d['iter_s'] / 1e9:.1f} | {mm / 1e9:.1f} | "
+                                     f"{100 * d['flops'] / d['iter_s'] / mm:.0f}% |")
+            rel = f"{d['images_s'] / base:.2f}x" if base else "-"
+            rows.append(f"| {res} ({TRAIN_WIDTHS[res][0]}) | {mode} | {d['images_s']:.1f} | {d['iter_s']:.2f} | {rel} |")
+            print(rows[-1], flush=True)
+    rows += ["", "FLOPs of one eager fp32 iteration (batch 16) over its measured time, against a 4096x4096 fp32 "
+             "torch.mm on the same device:", "",
+             "| resolution | GFLOP / iteration | s / iteration | achieved GFLOP/s | torch.mm GFLOP/s | fraction |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |", *flop_rows]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------- ddp
+def _ddp_case(devices: int, iters: int, warmup: int, global_batch: int = 64) -> None:
+    import json
+    import statistics
+
+    import pytorch_lightning as pl
+    import yaml
+
+    from sagan.data import SAGANData
+    from sagan.module import SAGAN
+    from sagan.strategy import GANDDPStrategy
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))  # processes share the cores
+    pl.seed_everything(0, verbose=False)
+    cfg = yaml.safe_load((REPO / "configs/digits.yaml").read_text())
+    dm = SAGANData("digits", resolution=32, batch_size=global_batch // devices)
+    model = SAGAN(resolution=32, img_channels=1, num_classes=10, **cfg["model"])
+    times: list[float] = []
+
+    class Timer(pl.Callback):
+        def on_train_batch_end(self, *a, **k) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    strategy = GANDDPStrategy(process_group_backend="nccl" if cuda else "gloo") if devices > 1 else "auto"
+    trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=devices, strategy=strategy,
+                         max_steps=2 * (iters + warmup), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Timer()])
+    trainer.fit(model, dm)
+    if trainer.is_global_zero:
+        dts = [b - a for a, b in zip(times[warmup - 1:], times[warmup:])]
+        print("RESULT " + json.dumps({"images_s": global_batch / statistics.median(dts),
+                                      "threads": torch.get_num_threads()}), flush=True)
+
+
+def bench_ddp(iters: int, warmup: int = 5) -> list[str]:
+    import json
+
+    rows = ["| processes | threads each | global batch | images/s (median step) | vs 1 process |",
+            "| ---: | ---: | ---: | ---: | ---: |"]
+    base = None
+    for devices in (1, 2):
+        r = subprocess.run([sys.executable, __file__, "_ddp_case", "--devices", str(devices), "--iters", str(iters),
+                            "--warmup", str(warmup)], capture_output=True, text=True)
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        if r.returncode != 0 or not line:
+            rows.append(f"| {devices} | | 64 | failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:100]} | |")
+            continue
+        d = json.loads(line[-1][7:])
+        base = base or d["images_s"]
+        rows.append(f"| {devices} | {d['threads']} | 64 | {d['images_s']:.1f} | {d['images_s'] / base:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=["generate", "logging", "fid"])
+    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "_attn_case",
+                                       "_train_case", "_ddp_case"])
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--res", type=int)
+    p.add_argument("--pool", action="store_true")
+    p.add_argument("--explicit", action="store_true")
+    p.add_argument("--mode", default="eager")
+    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--modes", nargs="+", default=["eager", "channels_last", "bf16", "compile"])
     p.add_argument("--steps", type=int, default=150, help="iterations per run (logging)")
     p.add_argument("--interval", type=int, default=25, help="log_every_n_steps (logging)")
     p.add_argument("--repeats", type=int, default=5)
@@ -210,9 +464,28 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.section == "_attn_case":
+        import json
+
+        print(json.dumps(_attn_case(a.res, a.pool, a.explicit, a.repeats)))
+        return
+    if a.section == "_ddp_case":
+        _ddp_case(a.devices, a.iters, a.warmup)
+        return
+    if a.section == "_train_case":
+        import json
+
+        print(json.dumps(_train_case(a.res, a.mode, a.iters, a.warmup)))
+        return
     print(header(), flush=True)
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}", flush=True)
-    if a.section == "generate":
+    if a.section == "attention":
+        rows = bench_attention(a.repeats)
+    elif a.section == "train":
+        rows = bench_train(a.resolutions, a.modes, a.iters, a.warmup)
+    elif a.section == "ddp":
+        rows = bench_ddp(a.iters)
+    elif a.section == "generate":
         rows = bench_generate(a.batch_size or 64, a.repeats)
     elif a.section == "logging":
         rows = bench_logging(a.steps, a.interval)
