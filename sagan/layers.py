@@ -117,7 +117,7 @@ class SelfAttention2d(nn.Module):
             k = F.max_pool2d(k, 2)
             v = F.max_pool2d(v, 2)
         k = k.flatten(2).transpose(1, 2)  # (B, N_key, C/8)
-        v = v.flatten(2).transpose(1, 2)  # (B, N_key, C/2)
+        v = v.flatten(2).transpose(1, 2).contiguous()  # (B, N_key, C/2); fused SDPA kernels want unit last stride
         return q, k, v
 
     def attention_map(self, x: Tensor) -> Tensor:
@@ -142,7 +142,7 @@ class SelfAttention2d(nn.Module):
             o = F.scaled_dot_product_attention(qp.unsqueeze(1), kp.unsqueeze(1), v.unsqueeze(1), scale=1.0)
             o = o.squeeze(1)  # (B, N, C/2)
         o = o.transpose(1, 2).reshape(b, c // 2, h, w)  # (B, C/2, H, W)
-        y = self.gamma * self.out(o) + x
+        y = torch.addcmul(x, self.gamma, self.out(o))  # x + gamma * o, without a separate gamma * o tensor
         if return_attention:
             return y, attn
         return y
