@@ -56,13 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def generate_images(g: Generator, seeds: list[int], labels: torch.Tensor | None, truncation: float | None,
                     batch_size: int, device: torch.device, progress: bool = True) -> torch.Tensor:
-    """Images (N, C, H, W) in [-1, 1] on the CPU for the seeds (and labels), in batches."""
+    """Images (N, C, H, W) in [-1, 1] on the CPU for the seeds (and labels), ``batch_size`` seeds at a time.
+
+    Convolution kernels may sum in another order for another batch size, which moves outputs by ~1e-7 and, once
+    in a while, flips a pixel's uint8 rounding. On the CPU each image therefore gets its own forward pass: the
+    same seed gives the same PNG, bit for bit, whatever the batch size (and one image per pass is also the
+    fastest there, see BENCHMARKS.md). On a GPU ``batch_size`` images share a pass and agree to float rounding.
+    """
+    per_pass = 1 if device.type == "cpu" else batch_size
     out = []
     for s in tqdm(range(0, len(seeds), batch_size), disable=not progress or len(seeds) <= batch_size,
                   desc="generating", unit="batch"):
         z = latents_for_seeds(seeds[s:s + batch_size], g.z_dim, truncation).to(device)
         y = labels[s:s + batch_size].to(device) if labels is not None else None
-        out.append(g(z, y).float().cpu())
+        for i in range(0, len(z), per_pass):
+            out.append(g(z[i:i + per_pass], y[i:i + per_pass] if y is not None else None).float().cpu())
     return torch.cat(out)
 
 

@@ -19,7 +19,8 @@ Sections:
             rate of a large torch.mm on the same device.
   ddp       training throughput of the digits config, 1 process vs 2 processes (Lightning DDP, GANDDPStrategy) on
             the current machine, at the same global batch; on a CPU the processes share the cores.
-  generate  images/s of ``sagan generate``'s path (EMA-style eval generator, seeded latents, uint8 out) at 32x32
+  generate  images/s of ``sagan generate``'s path (``generate_images``: per-seed latents, eval generator, one image
+            per forward pass on the CPU, uint8 out) at 32x32
             (configs/cifar10.yaml's G) and 64x64 (configs/celeba64.yaml's G); median of repeats after a warm-up.
   logging   cost of W&B logging (offline WandbLogger, the configs' logging interval) per training step of the
             digits config, against no logger; runs alternate (none, W&B, none, W&B), mean step time after warm-up.
@@ -125,7 +126,7 @@ def bench_fid(sizes: list[int], weights: str | None, batch_size: int) -> list[st
 def bench_generate(batch_size: int, repeats: int) -> list[str]:
     import statistics
 
-    from sagan.sampling import latents_for_seeds
+    from sagan.generate import generate_images
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configs = {32: dict(ch=64, attn_resolutions=[32], num_classes=10),  # configs/cifar10.yaml
@@ -140,9 +141,8 @@ def bench_generate(batch_size: int, repeats: int) -> list[str]:
 
         def once() -> float:
             t = time.perf_counter()
-            with torch.no_grad():
-                z = latents_for_seeds(seeds, g.z_dim).to(device)
-                img = M.to_uint8(g(z, y)).cpu()
+            img = M.to_uint8(generate_images(g, seeds, y.cpu() if y is not None else None, None, batch_size,
+                                             device, progress=False))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             assert img.shape[0] == batch_size
