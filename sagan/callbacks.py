@@ -159,6 +159,10 @@ class RunSummary(pl.Callback):
         lines = [f"sagan: trained {pl_module.g_steps} iterations ({pl_module.d_steps} discriminator steps)"]
         if last_ckpt:
             lines.append(f"  checkpoint:  {last_ckpt}")
+        for cb in trainer.callbacks:
+            if isinstance(cb, FIDEvaluation) and cb.best_fid is not None:
+                lines.append(f"  best FID:    {cb.best_fid:.4g} at iteration {cb.best_step} "
+                             f"({cb._best_path(trainer)})")
         if grids:
             lines.append(f"  sample grid: {grids[-1]}")
         if trainer.is_global_zero:

@@ -25,6 +25,17 @@ TINY = [
 ]
 
 
+def run_cli(args: list[str]) -> int:
+    """Run the real ``sagan`` entry point in-process; its exit status (0 when it returns)."""
+    from sagan.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def write_images(folder: Path, n: int, size: int = 40, mode: str = "RGB", seed: int = 0) -> list[Path]:
     """n random PNG images of size x size in folder."""
     rng = np.random.default_rng(seed)

@@ -6,20 +6,13 @@ import pytest
 import torch
 import yaml
 
-from sagan.cli import main
 from sagan.sampling import generator_from_checkpoint
 
-from conftest import REPO, TINY, write_images
+from conftest import REPO, TINY, write_images, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-def run_cli(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_there_are_configs():

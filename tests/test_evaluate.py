@@ -6,18 +6,11 @@ import json
 import pytest
 import torch
 
-from sagan.cli import main
 from sagan.evaluate import main as evaluate_main
 
-from conftest import REPO, TINY, write_images
+from conftest import REPO, TINY, write_images, run_cli
 
 
-def run_cli(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sagan.cli import main
 from sagan.generate import main as generate_main
 from sagan.sampling import generator_from_checkpoint, latents_for_seeds, parse_seeds
 
-from conftest import REPO, TINY, write_images
+from conftest import REPO, TINY, write_images, run_cli
 
 
-def run_cli(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sagan.cli import main
 
-from conftest import REPO, TINY, write_images
+from conftest import REPO, TINY, write_images, run_cli
 
 FIT = [sys.executable, "-m", "sagan.cli", "fit", "--config", str(REPO / "configs/digits.yaml"), *TINY,
        "--data.batch_size", "64", "--samples.every_n_steps", "0"]
 
 
-def run_cli(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def _state(path: Path) -> dict:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from sagan.cli import main, wandb_configured
+from sagan.cli import wandb_configured
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_cli
 from wandb_reader import read_run
 
 PROMISED = {
@@ -17,12 +17,6 @@ PROMISED = {
 }
 
 
-def run_cli(args):
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
