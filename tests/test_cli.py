@@ -135,3 +135,14 @@ def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
     assert {k: state["sagan"][k] for k in ("d_steps", "g_steps", "batches_seen")} == {
         "d_steps": 4, "g_steps": 4, "batches_seen": 4}
     assert state["global_step"] == 8
+
+
+def test_ddp_trainer_preset_stacks_on_an_experiment(capsys):
+    args = ["fit", "--config", str(REPO / "configs/cifar10.yaml"), "--config", str(REPO / "configs/trainer/ddp.yaml"),
+            "--print_config"]
+    assert run_cli(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    strategy = printed["trainer"]["strategy"]
+    assert strategy["class_path"] == "sagan.strategy.GANDDPStrategy"
+    assert strategy["init_args"]["find_unused_parameters"] is False
+    assert printed["trainer"]["sync_batchnorm"] is True and printed["model"]["n_dis"] == 5
