@@ -53,14 +53,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """Always ``weights_only=True``, onto the CPU; Lightning moves weights and optimizer states to the device."""
         from .sampling import load_checkpoint
 
-        ckpt = load_checkpoint(path)
-        if map_location is not None:
-            ckpt = torch.utils._pytree.tree_map(
-                lambda t: t.to(map_location) if isinstance(t, torch.Tensor) and not callable(map_location) else t, ckpt
-            )
-        return ckpt
+        return load_checkpoint(path)
 
 
 class Checkpoint(ModelCheckpoint):

@@ -1,6 +1,5 @@
 """The real entry point, end to end: config parsing, a few-step fit, and one-line errors for user mistakes."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Real DDP with 2 CPU processes (gloo): ranks stay identical, 2 x B equals 1 x 2B, a dead rank ends the job."""
 
-import signal
 import subprocess
 import sys
 import time

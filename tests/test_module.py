@@ -1,4 +1,3 @@
-import copy
 
 import pytorch_lightning as pl
 import torch

@@ -2,7 +2,6 @@
 full disks, foreign and truncated checkpoints, unreadable images."""
 
 import errno
-import os
 import signal
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """W&B dashboards: a few offline training steps, then the offline run file is read back."""
 
-from pathlib import Path
 
 import pytest
 
