@@ -142,7 +142,9 @@ class WandbDashboard(pl.Callback):
             exp = lg.experiment
             exp.define_metric("trainer/global_step")
             exp.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-            for key, summary in (("val/fid", "min"), ("val/kid", "min"), ("val/fid_best", "min"), ("val/isc", "max")):
+            for key, summary in (("val/fid", "min"), ("val/kid", "min"), ("val/fid_best", "min"), ("val/isc", "max"),
+                                 ("val/precision", "max"), ("val/recall", "max"), ("val/spread", "max"),
+                                 ("val/spread_min", "max")):
                 exp.define_metric(key, step_metric="trainer/global_step", summary=summary)
             exp.define_metric("train/iteration", step_metric="trainer/global_step", summary="max")
             exp.config.update({"git_commit": git_commit(), "model_class": type(pl_module).__name__},
@@ -170,23 +172,26 @@ class RunSummary(pl.Callback):
 
 
 class FIDEvaluation(pl.Callback):
-    """FID (and optionally IS / KID) of the EMA generator every ``every_n_steps`` iterations, through torch-fidelity.
+    """FID, precision/recall and per-class spread (optionally IS / KID) of the EMA generator every
+    ``every_n_steps`` iterations, through torch-fidelity (see :class:`sagan.metrics.Evaluator`).
 
-    Computed once, on rank 0, and broadcast so every rank agrees (and none waits forever); logged as ``val/fid``,
-    ``val/isc``, ``val/kid`` ... with the best FID so far as ``val/fid_best``. When FID improves the full training
-    state is saved as ``best.ckpt`` next to ``last.ckpt``. Reference statistics of the training data are computed on
-    the first evaluation and cached on disk (see :mod:`sagan.metrics`).
+    Reference statistics of the training data are prepared once, when fit starts (loaded from the on-disk cache
+    or extracted with a progress bar), never in the middle of training. Under DDP every rank generates and
+    extracts its share of the samples and every rank gets the same numbers, so no rank waits inside a collective
+    while another computes. Logged as ``val/fid``, ``val/precision``, ``val/recall``, ``val/spread``,
+    ``val/spread_min`` (and ``val/isc``, ``val/kid``), with the best FID so far as ``val/fid_best``; when FID
+    improves the full training state is saved as ``best.ckpt`` next to ``last.ckpt``.
 
     Args:
         every_n_steps: iterations between evaluations (0 = never).
         num_samples: generated images per evaluation.
-        metrics: subset of fid, isc, kid, prc.
+        metrics: subset of fid, isc, kid, prc (precision/recall); the spread is reported with any of fid/kid/prc.
         feature_extractor: 'auto' (digits-mlp for the digits set, else inception-v3-compat) or a torch-fidelity name.
         weights_path: feature-extractor weights file (else $SAGAN_INCEPTION_WEIGHTS, torch hub's cache, download).
-        fid_layer: feature layer for FID/KID (None = the extractor's default, 2048 for Inception).
+        fid_layer: feature layer for FID/KID/PR (None = the extractor's default, 2048 for Inception).
         ref_split: split of the training data set used as reference.
         cache_root: folder of cached reference statistics (None = torch-fidelity's default).
-        batch_size: generation / feature batch size.
+        batch_size: generation / feature batch size (per process).
         seed: seed of the evaluation latents and labels (the same every evaluation).
         dirpath: where best.ckpt goes (None = the checkpoint callback's folder).
     """
@@ -195,7 +200,7 @@ class FIDEvaluation(pl.Callback):
         self,
         every_n_steps: int = 0,
         num_samples: int = 5000,
-        metrics: list[str] = ["fid"],  # noqa: B006 - jsonargparse wants a plain default
+        metrics: list[str] = ["fid", "prc"],  # noqa: B006 - jsonargparse wants a plain default
         feature_extractor: str = "auto",
         weights_path: str | None = None,
         fid_layer: str | None = None,
@@ -213,7 +218,7 @@ class FIDEvaluation(pl.Callback):
         self.best_fid: float | None = None
         self.best_step: int | None = None
         self._last_step = -1
-        self._spec = None
+        self._evaluator = None
 
     @property
     def enabled(self) -> bool:
@@ -229,36 +234,32 @@ class FIDEvaluation(pl.Callback):
         return DIGITS_FEATURE_EXTRACTOR if getattr(dm, "dataset", None) == "digits" else INCEPTION
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the feature extractor and the reference statistics now, before the first training step."""
         if not self.enabled:
             return
-        from .metrics import parse_metrics, resolve_feature_extractor
+        from .metrics import Evaluator, parse_metrics, resolve_feature_extractor
 
         parse_metrics(self.metrics)
-        if trainer.datamodule is None or not hasattr(trainer.datamodule, "build_dataset"):
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "build_dataset"):
             raise SaganError("in-loop FID needs the sagan data module (its training data is the reference)")
-        if trainer.is_global_zero:  # fail now, not hours into training, when the weights cannot be had
-            try:
-                self._spec = resolve_feature_extractor(self._feature_name(trainer), self.weights_path)
-            except SaganError as e:
-                raise type(e)(f"{e} (or turn in-loop FID off with --fid.every_n_steps 0)") from None
+        try:  # fail now, not hours into training, when the weights cannot be had
+            spec = resolve_feature_extractor(self._feature_name(trainer), self.weights_path)
+        except SaganError as e:
+            raise type(e)(f"{e} (or turn in-loop FID off with --fid.every_n_steps 0)") from None
+        self._evaluator = Evaluator(spec, self.metrics, self.fid_layer, device=pl_module.device,
+                                    batch_size=self.batch_size, progress=trainer.is_global_zero)
+        self._evaluator.load_reference(
+            dm.build_dataset(self.ref_split), num_classes=dm.num_classes,
+            cache_name=dm.reference_cache_name(self.ref_split, spec.weights_sha256), cache_root=self.cache_root,
+            num_workers=getattr(dm, "num_workers", 0),
+        )
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        from .metrics import UInt8Images, compute_metrics
-
-        values: dict[str, float] = {}
-        if trainer.is_global_zero:
-            dm = trainer.datamodule
-            spec = self._spec
-            cache_name = f"sagan-{dm.dataset}-{self.ref_split}-{dm.fingerprint(self.ref_split)}-{spec.weights_sha256[:12]}"
-            g = pl_module.ema_generator()
-            result = compute_metrics(
-                g, UInt8Images(dm.build_dataset(self.ref_split, augment=False)),
-                metrics=self.metrics, num_samples=self.num_samples, feature_extractor=spec,
-                fid_layer=self.fid_layer, input2_cache_name=cache_name, cache_root=self.cache_root,
-                seed=self.seed, batch_size=self.batch_size, device=pl_module.device,
-            )
-            values = result.values
-        return trainer.strategy.broadcast(values, src=0)
+        """The metrics of the EMA generator; every rank takes part and gets the same values."""
+        g = pl_module.ema_generator()
+        values = self._evaluator.generator(g, self.num_samples, seed=self.seed).values
+        return trainer.strategy.broadcast(values, src=0)  # equal already; rank 0's copy decides best.ckpt everywhere
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         step = int(pl_module.g_steps)

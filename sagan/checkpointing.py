@@ -6,20 +6,35 @@
 * :class:`Checkpoint` is Lightning's ``ModelCheckpoint`` that never saves the state of a diverged run.
 * :class:`Preemption` turns SIGUSR1 (SLURM's warning signal, outside Lightning's own SLURM auto-requeue) into the same
   graceful stop as SIGTERM: Lightning stops at the next step and ``Checkpoint`` saves ``last.ckpt`` on the way out.
+* Resume state. :func:`seed_step` reseeds every random stream (torch CPU and CUDA, NumPy, Python) before each
+  training batch from (run seed, rank, batches trained so far): the latents, labels, flips and augmentations of a
+  step depend on nothing else, so a run resumed from any checkpoint draws exactly what an uninterrupted one would,
+  for every rank and whatever the number of DataLoader workers, and no random state needs saving. In particular a
+  checkpoint written on one rank alone (an error on that rank) needs no collective and cannot hang the job.
+  :class:`TrainingCounters` holds the iteration counters that go into the checkpoint.
+* :class:`DivergenceGuard` decides what a non-finite loss or gradient does (stop, or skip a bounded number of
+  times), identically on every rank, and tells a mixed-precision (fp16) GradScaler overflow, which the scaler skips
+  by itself, from divergence.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from torch import Tensor
 
 from .errors import CheckpointError, SaganError
 
@@ -96,3 +111,85 @@ class Preemption(pl.Callback):
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
+
+
+# ------------------------------------------------------------------------------------------------ resume state
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 64-bit seed that depends only on (run seed, rank, step), well mixed (NumPy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(1, dtype=np.uint64)[0])
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Reseed torch (CPU and every CUDA device), NumPy and Python's ``random`` for training batch ``step``."""
+    s = step_seed(seed, rank, step)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+def run_seed() -> int:
+    """The run's seed: ``seed_everything`` in the config (exported by Lightning as PL_GLOBAL_SEED), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+@dataclass
+class TrainingCounters:
+    """Where training stands: optimizer updates of D and G, batches consumed (the data position), skipped steps."""
+
+    d_steps: int = 0
+    g_steps: int = 0
+    batches_seen: int = 0
+    skipped_steps: int = 0
+    amp_skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self) | {"format": 2}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in asdict(self):
+            setattr(self, k, int(state.get(k, 0)))
+
+
+# ------------------------------------------------------------------------------------------------ divergence
+class DivergenceGuard:
+    """What a non-finite loss or gradient does: ``policy='stop'`` raises :class:`DivergenceError` (the last good
+    checkpoint stays as it was), ``'skip'`` skips the optimizer step, at most ``max_skips`` times.
+
+    Under fp16 mixed precision the GradScaler multiplies the loss before backward, so an overflow to inf in the
+    scaled gradients is expected now and then: the scaler skips that step and lowers its scale by itself. Such a
+    step is let through to the scaler (and counted apart) as long as the loss itself is finite; only a non-finite
+    loss is divergence there.
+    """
+
+    def __init__(self, policy: str = "stop", max_skips: int = 10) -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"nonfinite policy must be 'stop' or 'skip', got {policy!r}")
+        self.policy, self.max_skips = policy, max_skips
+
+    def check(self, trainer: pl.Trainer, counters: TrainingCounters, net: str, loss: Tensor, grad_norm: Tensor,
+              where: str) -> bool:
+        """Whether the optimizer step may run (for fp16: be handed to the GradScaler). Decided the same on every
+        rank: one rank's NaN stops them all (every rank calls this at the same point of every step)."""
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        bad = not bool(torch.isfinite(loss) and (scaled or torch.isfinite(grad_norm)))
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return True
+        if self.policy == "skip" and counters.skipped_steps < self.max_skips:
+            counters.skipped_steps += 1
+            rank_zero_print(f"sagan: warning: non-finite {net} loss/gradient at {where}: step skipped "
+                            f"({counters.skipped_steps} of at most {self.max_skips})")
+            return False
+        raise DivergenceError(
+            f"training diverged: non-finite {net} loss ({float(loss.detach()):.4g}) or gradient norm "
+            f"({float(grad_norm):.4g}) at {where}. Stopped before the update; the last good checkpoint is untouched. "
+            "Resume from it with lower learning rates, or set model.nonfinite: skip to skip such steps"
+        )
+
+
+def rank_zero_print(msg: str) -> None:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(msg, flush=True)

@@ -5,6 +5,7 @@
     sagan fit --config configs/digits.yaml --print_config
     sagan evaluate --ckpt outputs/digits/checkpoints/last.ckpt --metrics fid,kid,isc --floor
     sagan generate --ckpt outputs/digits/checkpoints/last.ckpt --outdir samples --per-class --num 10 --grid
+    sagan prepare --source data/celeba --out data/celeba64 --resolution 64
 
 A run writes to ``<output_root>/<experiment>/``: ``checkpoints/last.ckpt``, ``samples/step_*.png`` and the
 resolved ``config.yaml``. Errors the user can cause are printed as one line and exit with status 2.
@@ -19,7 +20,9 @@ from pathlib import Path
 
 import yaml
 
+import torch
 from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
@@ -27,6 +30,8 @@ from .callbacks import AttentionMaps, FIDEvaluation, RunSummary, SampleGrid, Wan
 from .data import SAGANData
 from .errors import SaganError
 from .module import SAGAN
+from .progress import LineProgress, interactive
+from .strategy import GANDDPStrategy
 
 
 def _run_dir(output_root: str, experiment: str) -> str:
@@ -83,6 +88,12 @@ class _Parser(LightningArgumentParser):
 
     def print_usage(self, file=None) -> None:  # noqa: ARG002
         pass
+
+    def error(self, message: str, *args, **kwargs):
+        if "default_root_dir" in str(message):
+            message = ("trainer.default_root_dir is set by the sagan command from --output_root and --experiment "
+                       "(a run writes to OUTPUT_ROOT/EXPERIMENT): use --output_root DIR [--experiment NAME] instead")
+        return super().error(message, *args, **kwargs)
 
 
 class SAGANCLI(LightningCLI):
@@ -163,9 +174,36 @@ class SAGANCLI(LightningCLI):
         with the differences named (see ``SAGAN.on_load_checkpoint``)."""
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        strategy = _gan_strategy(self._get(self.config_init, "trainer", default={}))
+        if strategy is not None:
+            kwargs["strategy"] = strategy
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # temp file + rename; weights_only loads
+        if not interactive(sys.stdout):  # a log file, CI, SLURM: lines, not a redrawn bar
+            for i, cb in enumerate(trainer.callbacks):
+                if isinstance(cb, TQDMProgressBar):
+                    trainer.callbacks[i] = LineProgress()
         return trainer
+
+
+def _gan_strategy(trainer_cfg: dict) -> GANDDPStrategy | None:
+    """``--trainer.strategy ddp`` (or 'auto' on several devices or nodes) means the GAN-aware DDP here: one
+    DistributedDataParallel per network (plain DDP around the whole module would need find_unused_parameters)."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not isinstance(strategy, str) or strategy not in ("ddp", "auto"):
+        return None
+    if strategy == "auto":
+        devices, accelerator = trainer_cfg.get("devices", "auto"), str(trainer_cfg.get("accelerator", "auto"))
+        gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+        if isinstance(devices, (list, tuple)):
+            n = len(devices)
+        elif str(devices) in ("auto", "-1"):  # every GPU of the node (one process on a CPU)
+            n = max(gpus, 1)
+        else:
+            n = int(devices)
+        if n <= 1 and int(trainer_cfg.get("num_nodes", 1) or 1) <= 1:
+            return None
+    return GANDDPStrategy()
 
 
 def main(args: list[str] | None = None) -> None:
@@ -182,6 +220,10 @@ def main(args: list[str] | None = None) -> None:
         from .generate import main as generate_main
 
         sys.exit(generate_main(argv[1:]))
+    if argv[:1] == ["prepare"]:
+        from .prepared import main as prepare_main
+
+        sys.exit(prepare_main(argv[1:]))
     try:
         SAGANCLI(
             SAGAN,

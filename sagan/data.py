@@ -1,10 +1,16 @@
-"""Training data: any image folder, CIFAR-10 (torchvision), and the built-in offline *digits* set.
+"""Training data: any image folder, CIFAR-10 (torchvision), prepared sets, and the built-in offline *digits* set.
 
-Images come out as float tensors (C, R, R) in [-1, 1] with an integer class label (0 for unlabelled data).
+Data sets serve uint8 images (C, R, R) with an integer class label (0 for unlabelled data): workers only decode
+and resize (or, for prepared sets, only read rows). On the training device, after the batch is transferred,
+:meth:`SAGANData.on_after_batch_transfer` turns them into float in [-1, 1] and applies random horizontal flips
+(drawn from the step's random stream, see :func:`sagan.checkpointing.seed_step`), so nothing random happens in
+worker processes and a resumed run sees exactly the flips an uninterrupted one would, whatever the worker count.
 
 * ``folder``: a folder of images, flat (unconditional) or one subfolder per class (class-conditional), read with
   PIL, resized on the short side and centre-cropped to ``resolution``.
 * ``cifar10``: ``torchvision.datasets.CIFAR10`` from a local ``root`` (``download: true`` fetches it when online).
+* ``prepared``: a folder written once by ``sagan prepare`` (:mod:`sagan.prepared`): the same pixels as the folder
+  path, read as rows of one uint8 array; the fast path for large sets and many GPUs.
 * ``digits``: scikit-learn's ``load_digits`` (1,797 real 8x8 handwritten digits, 10 classes, shipped inside the
   scikit-learn package, so it works offline), upsampled to ``resolution``; a fixed stratified 80/20 split.
 """
@@ -15,7 +21,9 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 import pytorch_lightning as pl
 import torch
@@ -29,7 +37,7 @@ from .errors import ConfigError, DataError
 from .models import check_resolution
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-DATASETS = ("digits", "cifar10", "folder")
+DATASETS = ("digits", "cifar10", "folder", "prepared")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -107,25 +115,47 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
     return [(f, 0) for f in files], []
 
 
+class ImageLoader:
+    """Path -> uint8 array (C, R, R): PIL decode, convert to RGB or L, resize on the short side, centre crop.
+
+    The one image-decoding path: training from a folder and ``sagan prepare`` both use it, so a prepared set holds
+    exactly the folder path's pixels. Unreadable or truncated files raise :class:`DataError` naming the file.
+    """
+
+    def __init__(self, resolution: int, channels: int) -> None:
+        self.resolution, self.mode = resolution, "RGB" if channels == 3 else "L"
+        self.transform = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution)])
+
+    def pil(self, img: Image.Image) -> np.ndarray:
+        arr = np.array(self.transform(img.convert(self.mode)), dtype=np.uint8)  # (R, R, C) or (R, R), writable
+        return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, R, R)
+
+    def __call__(self, path: str | os.PathLike) -> np.ndarray:
+        try:
+            with Image.open(path) as img:
+                img.load()  # decodes fully: truncated files fail here
+                return self.pil(img)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise DataError(
+                f"cannot read image {str(path)!r} ({type(e).__name__}: {e}): remove or replace the file, "
+                "or set data.bad_images: skip"
+            ) from None
+
+
 class ImageFolderDataset(Dataset):
-    """Images of :func:`scan_image_folder`.
+    """Images of :func:`scan_image_folder` as (uint8 (C, R, R), label).
 
     An unreadable or truncated file raises :class:`DataError` naming it (``bad_images="stop"``), or is skipped
     (``"skip"``): a warning names it, ``skipped`` counts it (per process / worker), and the next readable image of
     the folder is served in its place so batches keep their size.
     """
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: transforms.Compose, mode: str,
-                 bad_images: str = "stop") -> None:
-        self.samples, self.transform, self.mode, self.bad_images = samples, transform, mode, bad_images
+    def __init__(self, samples: list[tuple[Path, int]], loader: ImageLoader, bad_images: str = "stop") -> None:
+        self.samples, self.loader, self.bad_images = samples, loader, bad_images
         self.skipped: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def _load(self, path: Path) -> Image.Image:
-        with Image.open(path) as img:
-            return img.convert(self.mode)  # decodes fully: truncated files fail here
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         for k in range(len(self.samples)):
@@ -133,17 +163,39 @@ class ImageFolderDataset(Dataset):
             if path in self.skipped:
                 continue
             try:
-                return self.transform(self._load(path)), label
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                return torch.from_numpy(self.loader(path)), label
+            except DataError:
                 if self.bad_images == "stop":
-                    raise DataError(
-                        f"cannot read image {str(path)!r} ({type(e).__name__}: {e}): remove or replace the file, "
-                        "or set data.bad_images: skip"
-                    ) from None
+                    raise
                 self.skipped.add(path)
-                warnings.warn(f"skipping unreadable image {str(path)!r} ({type(e).__name__}); "
-                              f"{len(self.skipped)} skipped so far", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {str(path)!r}; {len(self.skipped)} skipped so far",
+                              stacklevel=2)
         raise DataError(f"no image of the folder could be read ({len(self.skipped)} unreadable files)")
+
+
+class _Transformed(Dataset):
+    """(PIL image, label) items of a torchvision data set through an :class:`ImageLoader`'s resize / crop."""
+
+    def __init__(self, ds: Any, loader: ImageLoader) -> None:
+        self.ds, self.loader = ds, loader
+        self.targets = getattr(ds, "targets", None)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img, label = self.ds[i]
+        return torch.from_numpy(self.loader.pil(img)), int(label)
+
+
+def to_uint8_images(x: Tensor) -> Tensor:
+    """Float images in [-1, 1] -> uint8, channels kept (the inverse of :func:`decode_images` up to rounding)."""
+    return ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def decode_images(x: Tensor) -> Tensor:
+    """uint8 images (any shape) -> float32 in [-1, 1]: x / 127.5 - 1."""
+    return x.float().div_(127.5).sub_(1.0)
 
 
 class ResumableSampler(DistributedSampler):
@@ -171,14 +223,17 @@ class SAGANData(pl.LightningDataModule):
     """Serves (image in [-1, 1], label) batches for training.
 
     Args:
-        dataset: 'digits' (built-in, offline), 'cifar10' or 'folder'.
-        root: folder of images (``folder``) or CIFAR-10 root (``cifar10``); unused for ``digits``.
+        dataset: 'digits' (built-in, offline), 'cifar10', 'folder' or 'prepared' (written by ``sagan prepare``).
+        root: folder of images (``folder``), CIFAR-10 root (``cifar10``), prepared set (``prepared``); unused for
+            ``digits``.
         resolution: output size R (images are R x R); 32, 64 or 128.
         channels: 1 (grayscale) or 3 (RGB); None = the data set's own (digits 1, others 3).
         batch_size: per-process batch size.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers per process; None = from the CPUs this process may use (0 for the in-memory
+            digits; the folder path uses all but one of them, at most 8). Workers persist across epochs.
         download: let torchvision download CIFAR-10 into ``root`` (needs internet).
-        hflip: random horizontal flips (off for digits, whose identity is not flip-invariant).
+        hflip: random horizontal flips, on the training device (off for digits, whose identity is not flip-invariant).
+        in_memory: prepared sets: load the whole array into RAM instead of reading it through a memory map.
         bad_images: unreadable or truncated files in a folder: 'stop' with an error naming the file, or 'skip'
             (warn, count, serve the next readable image).
         seed: seed of the shuffling (None = the run's ``seed_everything`` seed).
@@ -186,15 +241,16 @@ class SAGANData(pl.LightningDataModule):
 
     def __init__(
         self,
-        dataset: Literal["digits", "cifar10", "folder"] = "digits",
+        dataset: Literal["digits", "cifar10", "folder", "prepared"] = "digits",
         root: str | None = None,
         resolution: int = 32,
         channels: int | None = None,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         download: bool = False,
         hflip: bool = False,
         bad_images: Literal["stop", "skip"] = "stop",
+        in_memory: bool = False,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -203,21 +259,40 @@ class SAGANData(pl.LightningDataModule):
         if dataset not in DATASETS:
             raise ConfigError(f"data.dataset {dataset!r} is unknown: choose one of {list(DATASETS)}")
         check_resolution(resolution)
+        if dataset in ("cifar10", "folder", "prepared") and not root:
+            raise ConfigError(f"data.root is required for dataset {dataset!r}: the folder that holds the images")
+        self.manifest: dict[str, Any] | None = None
+        if dataset == "prepared":
+            from .prepared import read_manifest
+
+            self.manifest = read_manifest(root)
+            if self.manifest["resolution"] != resolution:
+                raise ConfigError(
+                    f"the prepared set {root!r} holds {self.manifest['resolution']}x{self.manifest['resolution']} "
+                    f"images but data.resolution is {resolution}: set data.resolution "
+                    f"{self.manifest['resolution']}, or prepare the source again at {resolution}"
+                )
+            if channels is not None and channels != self.manifest["channels"]:
+                raise ConfigError(f"the prepared set {root!r} has {self.manifest['channels']} channels, not "
+                                  f"data.channels={channels}: leave data.channels unset or prepare it again")
+            channels = self.manifest["channels"]
         if channels is None:
             channels = 1 if dataset == "digits" else 3
         if channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
-        if dataset in ("cifar10", "folder") and not root:
-            raise ConfigError(f"data.root is required for dataset {dataset!r}: the folder that holds the images")
+        if num_workers is not None and num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0 (or unset for automatic), got {num_workers}")
         self.save_hyperparameters()
         self.dataset, self.root, self.resolution, self.channels = dataset, root, resolution, channels
         self.batch_size, self.num_workers, self.download, self.hflip = batch_size, num_workers, download, hflip
-        self.bad_images, self.seed = bad_images, seed
+        self.bad_images, self.seed, self.in_memory = bad_images, seed, in_memory
         self._samples: list[tuple[Path, int]] = []
         if dataset == "folder":
             self._samples, self.classes = scan_image_folder(root)
+        elif dataset == "prepared":
+            self.classes = list(self.manifest["classes"])
         else:
             self.classes = [str(i) for i in range(10)] if dataset == "digits" else [
                 "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
@@ -229,51 +304,60 @@ class SAGANData(pl.LightningDataModule):
         """Number of classes (0 for an unlabelled folder)."""
         return len(self.classes)
 
-    def _pil_transform(self, augment: bool = True) -> transforms.Compose:
-        t: list = [transforms.Resize(self.resolution), transforms.CenterCrop(self.resolution)]
-        if self.hflip and augment:
-            t.append(transforms.RandomHorizontalFlip())
-        t += [transforms.ToTensor(), transforms.Normalize([0.5] * self.channels, [0.5] * self.channels)]
-        return transforms.Compose(t)
+    def image_loader(self) -> ImageLoader:
+        """The decoding / resizing of this data module's images (see :class:`ImageLoader`)."""
+        return ImageLoader(self.resolution, self.channels)
 
     @property
     def splits(self) -> tuple[str, ...]:
         """Splits this data set has: 'train', and 'test' (held out) for digits and CIFAR-10."""
-        return ("train",) if self.dataset == "folder" else ("train", "test")
+        return ("train", "test") if self.dataset in ("digits", "cifar10") else ("train",)
 
-    def build_dataset(self, split: str = "train", augment: bool = True) -> Dataset:
-        """The images of ``split``; ``augment=False`` leaves out random flips (for reference statistics)."""
+    def build_dataset(self, split: str = "train") -> Dataset:
+        """The images of ``split`` as (uint8 (C, R, R), label) items, without random flips."""
         if split not in self.splits:
             raise ConfigError(f"data set {self.dataset!r} has no split {split!r}; it has {list(self.splits)}")
-        train = split == "train"
         if self.dataset == "digits":
             images8, labels = load_digits_arrays(split)
-            return TensorDataset(digits_to_images(images8, self.resolution, self.channels), labels)
+            return TensorDataset(to_uint8_images(digits_to_images(images8, self.resolution, self.channels)), labels)
+        if self.dataset == "prepared":
+            from .prepared import PreparedDataset
+
+            return PreparedDataset(self.root, in_memory=self.in_memory)
         if self.dataset == "cifar10":
             from torchvision.datasets import CIFAR10
 
             try:
-                ds = CIFAR10(self.root, train=train, download=self.download)
+                ds = CIFAR10(self.root, train=split == "train", download=self.download)
             except RuntimeError as e:
                 raise DataError(
                     f"CIFAR-10 not found under data.root={self.root!r} ({e}). Put the extracted "
                     "'cifar-10-batches-py' folder there, or set data.download: true on a machine with internet"
                 ) from None
-            ds.transform = self._pil_transform(augment) if self.channels == 3 else transforms.Compose(
-                [transforms.Grayscale(), self._pil_transform(augment)]
-            )
-            return ds
-        return ImageFolderDataset(self._samples, self._pil_transform(augment), "RGB" if self.channels == 3 else "L",
-                                  self.bad_images)
+            return _Transformed(ds, self.image_loader())
+        return ImageFolderDataset(self._samples, self.image_loader(), self.bad_images)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the training device: uint8 -> float in [-1, 1], and random horizontal flips when ``hflip``."""
+        x, y = batch[0], batch[1]
+        if x.dtype == torch.uint8:
+            x = decode_images(x)
+        if self.hflip and self.trainer is not None and self.trainer.training:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5  # (B,)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y
 
     def fingerprint(self, split: str = "train") -> str:
         """A short hash of what the images of ``split`` are made from, and how: changes when the data does.
 
         Digits: the pixel values. Folders: every file's relative path, size and modification time. CIFAR-10: the
-        same for its batch files. Plus data set, split, resolution and channels.
+        same for its batch files. Prepared sets: the manifest's fingerprint (of its source and how it was made).
+        Plus data set, split, resolution and channels.
         """
         h = hashlib.sha256(f"{self.dataset}|{split}|{self.resolution}|{self.channels}".encode())
-        if self.dataset == "digits":
+        if self.dataset == "prepared":
+            h.update(str(self.manifest["fingerprint"]).encode())
+        elif self.dataset == "digits":
             images8, labels = load_digits_arrays(split)
             h.update(images8.numpy().tobytes())
             h.update(labels.numpy().tobytes())
@@ -291,6 +375,11 @@ class SAGANData(pl.LightningDataModule):
                 h.update(f"{p.relative_to(base)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
+    def reference_cache_name(self, split: str, weights_sha256: str) -> str:
+        """Name of the cached reference statistics of ``split`` (see :mod:`sagan.metrics`): it changes whenever
+        the data, the resolution, the channels or the feature extractor's weights do."""
+        return f"sagan-{self.dataset}-{split}-{self.fingerprint(split)}-{weights_sha256[:12]}"
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set = self.build_dataset("train")
@@ -304,8 +393,8 @@ class SAGANData(pl.LightningDataModule):
         """Shuffled batches, one shard per process; after a resume, the first epoch continues where it stopped.
 
         The position comes from the module's count of batches trained on (saved in its checkpoint) and the epoch
-        Lightning restored; the loader's own random generator keeps worker seeding off the global RNG, so
-        resuming does not shift the model's random stream.
+        Lightning restored; the loader's own random generator keeps worker seeding off the global RNG. Workers do
+        nothing random (flips happen on the device), so the worker count never changes what is served.
         """
         assert self.train_set is not None, "call setup() first"
         trainer = self.trainer
@@ -317,13 +406,31 @@ class SAGANData(pl.LightningDataModule):
         seen = int(getattr(module, "batches_seen", 0))
         if seen and per_epoch:
             sampler.skip = max(0, min(per_epoch, seen - trainer.current_epoch * per_epoch)) * self.batch_size
+        workers = self.workers(world)
+        from .prepared import PreparedDataset, stacked_batch
+
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(seed + rank),
+            collate_fn=stacked_batch if isinstance(self.train_set, PreparedDataset) else None,
         )
+
+    def workers(self, processes_per_node: int = 1) -> int:
+        """``num_workers``, or when unset: 0 for the in-memory digits, else the CPUs this process may use divided
+        among the node's training processes, less one for the training process itself (1 to 8)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        if self.dataset == "digits" or (self.dataset == "prepared" and self.in_memory):
+            return 0
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or min(processes_per_node, max(1, torch.cuda.device_count()))
+        return max(1, min(8, cpus // max(1, local) - 1))

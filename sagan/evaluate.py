@@ -3,10 +3,13 @@
     sagan evaluate --ckpt outputs/digits/checkpoints/last.ckpt --num-samples 1000 --metrics fid,kid,isc --floor
     sagan evaluate --ckpt outputs/cifar10/checkpoints/best.ckpt --num-samples 50000 --metrics fid,isc
     sagan evaluate --folders generated/ real/ --metrics fid,kid
+    torchrun --nproc_per_node 8 -m sagan.cli evaluate --ckpt best.ckpt --num-samples 50000   # 8 GPUs share the work
 
 The reference set is the checkpoint's own training data (its data settings are stored in the checkpoint; a
 ``--config`` YAML's ``data:`` section overrides them), without augmentation, at the model's resolution. Reference
-statistics are cached. The table is printed and written as JSON next to the checkpoint (``last.metrics.json``)
+statistics are cached. Metrics: FID, precision/recall (default), IS, KID, and always the per-class spread of the
+samples relative to the real images (see :mod:`sagan.metrics`). Under torchrun every process generates and
+extracts its share of the samples; the numbers equal a single process's. The table is printed and written as JSON next to the checkpoint (``last.metrics.json``)
 together with the protocol: image counts, reference split, feature extractor and the hash of its weights, seed.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import torch
 import yaml
 
 from .errors import SaganError
-from .metrics import INCEPTION, MetricsError, UInt8Images, compute_metrics, parse_metrics, resolve_feature_extractor
+from .metrics import INCEPTION, MetricsError, compute_metrics, parse_metrics, resolve_feature_extractor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML whose data: section replaces the checkpoint's data settings")
     p.add_argument("--data-root", help="override data.root (e.g. the data set lives elsewhere on this machine)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")
-    p.add_argument("--metrics", default="fid", help="comma-separated subset of fid,isc,kid,prc (default fid)")
+    p.add_argument("--metrics", default="fid,prc",
+                   help="comma-separated subset of fid,isc,kid,prc (default fid,prc: FID, precision and recall)")
     p.add_argument("--feature-extractor", default="auto",
                    help=f"'auto' (digits-mlp for the digits set, else {INCEPTION}) or a torch-fidelity name")
     p.add_argument("--weights", help="feature-extractor weights file (else $SAGAN_INCEPTION_WEIGHTS, hub cache, download)")
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw generator instead of the EMA one")
     p.add_argument("--cache-root", help="folder of cached reference statistics (default torch-fidelity's)")
+    p.add_argument("--num-workers", type=int, default=0, help="loader workers for the reference images")
     p.add_argument("--json", help="where to write the JSON (default: next to the checkpoint)")
     return p
 
@@ -90,13 +96,14 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
 
 def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     from .features import DIGITS_FEATURE_EXTRACTOR
+    from .metrics import Evaluator, dist_info
     from .sampling import generator_from_checkpoint, load_checkpoint
 
     if a.num_samples < 1:
         raise MetricsError(f"--num-samples must be a positive integer, got {a.num_samples}")
     ckpt = load_checkpoint(a.ckpt)
     dm = _datamodule(ckpt, a.config, a.data_root)
-    device = torch.device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(a.device)
     g = generator_from_checkpoint(ckpt, ema=not a.no_ema, device=device)
     if (g.resolution, g.img_channels) != (dm.resolution, dm.channels):
         raise SaganError(
@@ -107,13 +114,14 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     if fe == "auto":
         fe = DIGITS_FEATURE_EXTRACTOR if dm.dataset == "digits" else INCEPTION
     spec = resolve_feature_extractor(fe, a.weights)
-    cache_name = f"sagan-{dm.dataset}-{a.ref_split}-{dm.fingerprint(a.ref_split)}-{spec.weights_sha256[:12]}"
-    reference = UInt8Images(dm.build_dataset(a.ref_split, augment=False))
-    common = dict(metrics=a.metrics, feature_extractor=spec, fid_layer=a.fid_layer, input2_cache_name=cache_name,
-                  cache_root=a.cache_root, seed=a.seed, batch_size=a.batch_size, device=device,
-                  allow_few_samples=a.allow_few_samples)
+    rank, world = dist_info()
+    ev = Evaluator(spec, a.metrics, a.fid_layer, device=device, batch_size=a.batch_size,
+                   allow_few_samples=a.allow_few_samples, progress=True)
+    reference = dm.build_dataset(a.ref_split)
+    ev.load_reference(reference, num_classes=dm.num_classes, cache_name=dm.reference_cache_name(a.ref_split, spec.weights_sha256),
+                      cache_root=a.cache_root, num_workers=a.num_workers)
     label = "generated (EMA)" if not a.no_ema else "generated (raw G)"
-    res = compute_metrics(g, reference, num_samples=a.num_samples, **common)
+    res = ev.generator(g, a.num_samples, seed=a.seed)
     rows = {label: res.values}
     protocol = dict(res.protocol)
     protocol.update(
@@ -121,7 +129,7 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
         iteration=(ckpt.get("sagan") or {}).get("g_steps"),
         ema=not a.no_ema,
         num_generated=a.num_samples,
-        num_reference=len(reference),
+        num_reference=ev.reference.count,
         reference={"dataset": dm.dataset, "root": dm.root, "split": a.ref_split, "resolution": dm.resolution,
                    "channels": dm.channels, "fingerprint": dm.fingerprint(a.ref_split)},
     )
@@ -130,15 +138,42 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
         held_out = [s for s in dm.splits if s != a.ref_split]
         if not held_out:
             raise SaganError(f"--floor needs a held-out split, and data set {dm.dataset!r} has only {list(dm.splits)}")
-        real = UInt8Images(dm.build_dataset(held_out[0], augment=False))
-        floor = compute_metrics(real, reference, **common)
+        real = dm.build_dataset(held_out[0])
+        floor = ev.images(real, num_classes=dm.num_classes, seed=a.seed, num_workers=a.num_workers)
         rows[f"real {held_out[0]} (floor)"] = floor.values
         out["floor"] = {"metrics": floor.values, "split": held_out[0], "num_images": len(real)}
-    print(_table(rows))
-    print(f"protocol: {a.num_samples} generated vs {len(reference)} reference images ({dm.dataset}/{a.ref_split}, "
-          f"{dm.resolution}px), features {spec.name} (weights sha256 {spec.weights_sha256}), seed {a.seed}")
+    if rank == 0:
+        print(_table(rows))
+        print(f"protocol: {a.num_samples} generated vs {ev.reference.count} reference images ({dm.dataset}/{a.ref_split}, "
+              f"{dm.resolution}px), features {spec.name} (weights sha256 {spec.weights_sha256}), seed {a.seed}"
+              + (f", {world} processes" if world > 1 else ""))
+        if "fid" in res.values and a.floor:
+            print(f"FID = {res.values['fid'] / max(floor.values['fid'], 1e-12):.2f} x the floor"
+                  + (f"; recall {res.values['recall']:.3f} vs {floor.values['recall']:.3f} for real images"
+                     if "recall" in res.values else ""))
     json_path = Path(a.json) if a.json else Path(a.ckpt).with_suffix(".metrics.json")
-    return out | {"_json": json_path}
+    return out | {"_json": json_path if rank == 0 else None}
+
+
+def _device(name: str | None) -> torch.device:
+    """--device, or under torchrun the GPU of this process's local rank, else the current default."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _init_distributed() -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def evaluate_folders(a: argparse.Namespace) -> dict[str, Any]:
@@ -155,12 +190,20 @@ def evaluate_folders(a: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    started = False
     try:
         parse_metrics(a.metrics)
+        if a.ckpt:
+            started = _init_distributed()
         out = evaluate_checkpoint(a) if a.ckpt else evaluate_folders(a)
     except SaganError as e:
         print(f"sagan evaluate: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     json_path = out.pop("_json")
     if json_path is not None:
         json_path.write_text(json.dumps(out, indent=2, default=str) + "\n")

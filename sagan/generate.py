@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 
 from .errors import SaganError
 from .models import Generator
+from .progress import track
 from .sampling import generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds, parse_seeds, slerp
 from .visualize import attention_figure, default_query_points
 
@@ -65,8 +65,8 @@ def generate_images(g: Generator, seeds: list[int], labels: torch.Tensor | None,
     """
     per_pass = 1 if device.type == "cpu" else batch_size
     out = []
-    for s in tqdm(range(0, len(seeds), batch_size), disable=not progress or len(seeds) <= batch_size,
-                  desc="generating", unit="batch"):
+    for s in track(range(0, len(seeds), batch_size), disable=not progress or len(seeds) <= batch_size,
+                   desc="generating", unit="batch"):
         z = latents_for_seeds(seeds[s:s + batch_size], g.z_dim, truncation).to(device)
         y = labels[s:s + batch_size].to(device) if labels is not None else None
         for i in range(0, len(z), per_pass):
@@ -121,7 +121,7 @@ def run(a: argparse.Namespace) -> str:
         if a.per_class:
             classes = list(range(k))
             all_imgs = []
-            for c in tqdm(classes, desc="classes", unit="class", disable=len(seeds) * k < 256):
+            for c in track(classes, desc="classes", unit="class", disable=len(seeds) * k < 256):
                 imgs = generate_images(g, seeds, torch.full((len(seeds),), c, dtype=torch.long), a.truncation,
                                        a.batch_size, device, progress=False)
                 all_imgs.append(imgs)

@@ -12,9 +12,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 SN_EPS = 1e-6
+
+
+class SpectralNormFP32(_SpectralNorm):
+    """``torch.nn.utils.parametrizations``' spectral norm with its power iteration and sigma in float32 always.
+
+    Under CUDA autocast the matrix-vector products of torch's implementation run in bfloat16 / float16, which
+    gives sigma to about three digits and rescales every layer by that error at every step. Here they run with
+    autocast off, on the float32 weight; the normalised weight is float32 and autocast casts it for the conv /
+    linear that uses it, as it would any float32 weight.
+    """
+
+    def forward(self, weight: Tensor) -> Tensor:
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            return super().forward(weight.float())
+
+
+def spectral_norm(module: nn.Module, eps: float = SN_EPS) -> nn.Module:
+    """Register :class:`SpectralNormFP32` on ``module.weight`` (one power iteration per training forward)."""
+    parametrize.register_parametrization(module, "weight", SpectralNormFP32(module.weight, 1, 0, eps))
+    return module
 
 
 def sn_conv2d(
@@ -25,14 +46,16 @@ def sn_conv2d(
     padding: int | None = None,
     bias: bool = True,
 ) -> nn.Module:
-    """A ``nn.Conv2d`` whose weight is spectrally normalised (one power iteration per training forward)."""
+    """A ``nn.Conv2d`` whose weight is spectrally normalised (Miyato et al. 2018) by torch's parametrisation: one
+    power iteration per forward in training mode, none in eval mode; sigma in float32 also under autocast
+    (:class:`SpectralNormFP32`)."""
     if padding is None:
         padding = kernel_size // 2
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
     nn.init.xavier_uniform_(conv.weight)
     if bias:
         nn.init.zeros_(conv.bias)
-    return spectral_norm(conv, eps=SN_EPS)
+    return spectral_norm(conv)
 
 
 def sn_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
@@ -41,14 +64,14 @@ def sn_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Modu
     nn.init.xavier_uniform_(lin.weight)
     if bias:
         nn.init.zeros_(lin.bias)
-    return spectral_norm(lin, eps=SN_EPS)
+    return spectral_norm(lin)
 
 
 def sn_embedding(num_embeddings: int, embedding_dim: int) -> nn.Module:
     """A ``nn.Embedding`` whose (num_embeddings, embedding_dim) table is spectrally normalised."""
     emb = nn.Embedding(num_embeddings, embedding_dim)
     nn.init.xavier_uniform_(emb.weight)
-    return spectral_norm(emb, eps=SN_EPS)
+    return spectral_norm(emb)
 
 
 def spectral_norm_modules(module: nn.Module) -> list[nn.Module]:
@@ -56,7 +79,7 @@ def spectral_norm_modules(module: nn.Module) -> list[nn.Module]:
     out = []
     for m in module.modules():
         plist = getattr(getattr(m, "parametrizations", None), "weight", None)
-        if plist is not None and any(type(p).__name__ == "_SpectralNorm" for p in plist):
+        if plist is not None and any(isinstance(p, _SpectralNorm) for p in plist):
             out.append(m)
     return out
 
@@ -65,8 +88,8 @@ def spectral_norm_modules(module: nn.Module) -> list[nn.Module]:
 def refresh_spectral_norm(module: nn.Module, n_iterations: int = 1) -> None:
     """Run ``n_iterations`` power iterations on every SN weight of ``module``, whatever its train/eval mode.
 
-    Used for the EMA generator: its averaged weights differ from the online ones, so the singular-vector estimates
-    (``_u``, ``_v`` buffers) are refreshed against the averaged weights before they are used in eval mode.
+    Used for the EMA generator: after each averaging step its own singular-vector estimates (``_u``, ``_v``
+    buffers) take one power iteration against the averaged weights, as G's take one per training forward.
     """
     for m in spectral_norm_modules(module):
         for p in m.parametrizations.weight:
@@ -149,20 +172,36 @@ class SelfAttention2d(nn.Module):
 
 
 class ConditionalBatchNorm2d(nn.Module):
-    """Class-conditional BatchNorm: ``BN(x) * (1 + gain[y]) + bias[y]`` with SN class embeddings.
+    """Class-conditional BatchNorm (de Vries et al. 2017; Miyato & Koyama 2018): ``BN(x) * gain[y] + bias[y]``.
 
-    The normalisation itself has no affine parameters; the per-class gain and bias come from spectrally normalised
-    embeddings (as in StudioGAN's SAGAN/BigGAN generators), the gain centred on 1 so every class starts as plain BN.
+    The normalisation itself has no affine parameters; each class has its own gain and bias vector.
+
+    * ``sn=False`` (default, the official SAGAN code's ``ops.ConditionalBatchNorm``): per-class gain and
+      bias tables initialised to 1 and 0, so every class starts as plain BN, and free to grow like BN's own affine
+      parameters (which spectral norm never touches).
+    * ``sn=True`` (StudioGAN's SAGAN): ``gain = 1 + E_g[y]``, ``bias = E_b[y]`` with spectrally normalised,
+      Xavier-initialised embeddings. Spectral norm pins the largest singular value of each table to 1, so the class
+      signal can never grow beyond that; on small data this starves the class signal and the generator learns to
+      suppress z instead (see BENCHMARKS.md, "Learning quality"), which is why it is not the default.
+
     With ``num_classes == 0`` it is an ordinary affine ``BatchNorm2d`` and ``y`` is ignored.
     """
 
-    def __init__(self, num_features: int, num_classes: int = 0, momentum: float = 0.1, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, num_classes: int = 0, momentum: float = 0.1, eps: float = 1e-5,
+                 sn: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.sn = sn
         self.bn = nn.BatchNorm2d(num_features, affine=num_classes == 0, momentum=momentum, eps=eps)
         if num_classes > 0:
-            self.gain = sn_embedding(num_classes, num_features)
-            self.bias = sn_embedding(num_classes, num_features)
+            if sn:
+                self.gain = sn_embedding(num_classes, num_features)
+                self.bias = sn_embedding(num_classes, num_features)
+            else:
+                self.gain = nn.Embedding(num_classes, num_features)
+                self.bias = nn.Embedding(num_classes, num_features)
+                nn.init.ones_(self.gain.weight)
+                nn.init.zeros_(self.bias.weight)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """``y``: class indices (B,), or class weights (B, num_classes) that mix the class embeddings (used to
@@ -173,9 +212,11 @@ class ConditionalBatchNorm2d(nn.Module):
         if y is None:
             raise ValueError("ConditionalBatchNorm2d of a class-conditional model needs class labels y")
         if y.is_floating_point():
-            gain = 1.0 + y @ self.gain.weight  # (B, K) @ (K, C) -> (B, C)
+            gain = y @ self.gain.weight  # (B, K) @ (K, C) -> (B, C)
             bias = y @ self.bias.weight
         else:
-            gain = 1.0 + self.gain(y)  # (B, C)
+            gain = self.gain(y)  # (B, C)
             bias = self.bias(y)
+        if self.sn:
+            gain = 1.0 + gain
         return out * gain[:, :, None, None] + bias[:, :, None, None]

@@ -1,14 +1,20 @@
-"""The torch-fidelity bridge: FID (Heusel et al. 2017), IS (Salimans et al. 2016), KID (Binkowski et al. 2018).
+"""Sample-quality metrics through torch-fidelity: FID (Heusel et al. 2017), IS (Salimans et al. 2016), KID
+(Binkowski et al. 2018), precision and recall (Kynkaanniemi et al. 2019), and a per-class spread figure.
 
 * :func:`to_uint8` is the one place where generator output becomes what metrics see: uint8 (B, 3, H, W),
   grayscale repeated to three channels.
-* :class:`FidelityGenerator` hands a generator to ``torch_fidelity.calculate_metrics`` as an in-memory input: the
-  latents come from torch-fidelity's seeded noise, the class labels of conditional models from our own seeded
-  ``torch.Generator`` (torch-fidelity's conditional path uses ``np.int`` and fails under NumPy 2), so no image file
-  is ever written.
-* Reference statistics are cached by torch-fidelity under a name that holds the data set, split, resolution,
-  channels, a fingerprint of the data, the feature extractor and the hash of its weights: changing any of them
-  makes a new entry, so a stale one is never reused.
+* :class:`Evaluator` builds torch-fidelity's feature extractor once, extracts features of the reference set once
+  (cached on disk under a name that holds the data set, split, resolution, channels, a fingerprint of the data and
+  the hash of the extractor's weights, so a stale entry is never reused), then scores generators or image sets from
+  their features with torch-fidelity's own metric functions. Under ``torch.distributed`` every rank generates and
+  extracts its contiguous share of the samples (sample i's latent and label depend only on (seed, i)), the features
+  are gathered, and every rank computes the same numbers: identical to one process up to float rounding, with no
+  rank idling inside a collective while another works.
+* *Spread* (``spread``, ``spread_min``): the mean pairwise feature distance between generated samples of a class,
+  divided by the same for the real images of that class, averaged over classes (and its worst class); the whole
+  set is one class for unconditional models. 1 = as varied as the data; a generator that draws one image per
+  class goes towards 0 while its FID may still look fine and a classifier's accuracy certainly does.
+* :func:`compute_metrics` compares two image folders through ``torch_fidelity.calculate_metrics``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from torch_fidelity import GenerativeModelBase, calculate_metrics
+from torch_fidelity import calculate_metrics
 
 from . import features
 from .errors import SaganError
@@ -43,6 +49,7 @@ _RESULT_KEYS = {
     "recall": "recall",
     "f_score": "f_score",
 }
+SPREAD_MAX_PER_CLASS = 1000  # samples per class that the spread figure looks at (pairwise distances: quadratic)
 
 
 class MetricsError(SaganError):
@@ -57,51 +64,27 @@ def to_uint8(images: Tensor) -> Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x  # (B, 3, H, W)
 
 
-class FidelityGenerator(GenerativeModelBase):
-    """A generator as torch-fidelity input: ``forward(z) -> uint8 (B, 3, H, W)``.
-
-    Unconditional from torch-fidelity's point of view (``num_classes == 0``); a conditional generator gets uniform
-    class labels from a ``torch.Generator`` seeded with ``seed``, so a run is reproducible given (seed, batch size).
-    """
-
-    def __init__(self, generator: nn.Module, seed: int = 0) -> None:
-        super().__init__()
-        self.generator = generator
-        self.label_rng = torch.Generator().manual_seed(seed)
-
-    @property
-    def z_size(self) -> int:
-        return int(self.generator.z_dim)
-
-    @property
-    def z_type(self) -> str:
-        return "normal"
-
-    @property
-    def num_classes(self) -> int:
-        return 0  # labels are drawn here, not by torch-fidelity
-
-    @torch.no_grad()
-    def forward(self, z: Tensor) -> Tensor:
-        device = next(self.generator.parameters()).device
-        k = int(getattr(self.generator, "num_classes", 0))
-        y = torch.randint(0, k, (z.shape[0],), generator=self.label_rng).to(device) if k > 0 else None
-        return to_uint8(self.generator(z.to(device), y))
-
-
 class UInt8Images(Dataset):
-    """A data set of (image in [-1, 1], label) pairs seen as uint8 (3, H, W) images, as torch-fidelity wants."""
+    """A data set of (image in [-1, 1], label) pairs seen as uint8 (3, H, W) images, as torch-fidelity wants;
+    ``with_labels=True`` serves (uint8 image, label) pairs (label 0 for unlabelled data)."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, with_labels: bool = False) -> None:
+        self.dataset, self.with_labels = dataset, with_labels
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> Tensor:
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, int]:
         item = self.dataset[i]
         img = item[0] if isinstance(item, (tuple, list)) else item
-        return to_uint8(img.unsqueeze(0))[0]
+        if img.dtype != torch.uint8:
+            img = to_uint8(img.unsqueeze(0))[0]
+        elif img.shape[0] == 1:
+            img = img.expand(3, -1, -1).contiguous()
+        if not self.with_labels:
+            return img
+        label = int(item[1]) if isinstance(item, (tuple, list)) and len(item) > 1 else 0
+        return img, label
 
 
 # ------------------------------------------------------------------------------------------- feature extractors
@@ -218,15 +201,12 @@ def parse_metrics(metrics: str | Sequence[str]) -> list[str]:
 
 
 def compute_metrics(
-    input1: nn.Module | Dataset | str,
-    input2: Dataset | str | None,
+    input1: str | Dataset,
+    input2: str | Dataset | None,
     *,
     metrics: str | Sequence[str] = ("fid",),
-    num_samples: int | None = None,
     feature_extractor: FeatureSpec | str = INCEPTION,
     fid_layer: str | None = None,
-    input2_cache_name: str | None = None,
-    cache_root: str | None = None,
     seed: int = 0,
     batch_size: int = 100,
     device: str | torch.device | None = None,
@@ -235,86 +215,333 @@ def compute_metrics(
     allow_few_samples: bool = False,
     verbose: bool = False,
 ) -> MetricsResult:
-    """FID / IS / KID / precision-recall of ``input1`` (a generator, a Dataset of images or a folder) against
-    ``input2`` (a Dataset or folder; cached under ``input2_cache_name`` when given).
-
-    A generator (an ``nn.Module`` with ``z_dim``) is sampled in memory: ``num_samples`` images, latents seeded
-    with ``seed``. Raises :class:`MetricsError` with the fix when the inputs cannot give a meaningful number: in
-    particular FID/KID/PR on fewer images than the feature dimension (a rank-deficient covariance, a strongly
-    biased number) unless ``allow_few_samples`` (then recorded in the protocol).
-    """
+    """FID / IS / KID / precision-recall of ``input1`` against ``input2``: image folders (or Datasets of uint8
+    images) through ``torch_fidelity.calculate_metrics``. Generators are scored by :class:`Evaluator`."""
     names = parse_metrics(metrics)
     spec = feature_extractor if isinstance(feature_extractor, FeatureSpec) else resolve_feature_extractor(feature_extractor)
     binary = [m for m in names if m != "isc"]
     if binary and input2 is None:
         raise MetricsError(f"{', '.join(binary)} compare two sets: a reference set is needed")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    cls = FEATURE_EXTRACTORS_REGISTRY[spec.name]
-    layers = {m: (fid_layer if (fid_layer and m in ("fid", "kid", "prc")) else cls.get_default_feature_layer_for_metric(m)) for m in names}
-
-    is_generator = isinstance(input1, nn.Module) and not isinstance(input1, GenerativeModelBase)
-    if is_generator:
-        if num_samples is None or num_samples < 1:
-            raise MetricsError(f"the number of generated samples must be a positive integer, got {num_samples}")
-        input1 = FidelityGenerator(input1, seed=seed).to(device)
-        n1 = num_samples
-    else:
-        n1 = _count(input1)
-    n2 = None
-    if input2 is not None:
-        n2 = _count(input2) if not (input2_cache_name and _cached(input2_cache_name, spec, layers, cache_root)) else None
+    device = _device(device)
+    layers = _layers(spec, names, fid_layer)
+    n1, n2 = _count(input1), (_count(input2) if input2 is not None else None)
     _check_counts(names, layers, n1, n2, isc_splits, allow_few_samples)
     kid_size = min(kid_subset_size, n1, n2 or n1)
-
-    kwargs: dict[str, Any] = dict(
-        input1=input1,
-        input2=input2,
-        cuda=device.type == "cuda",
-        batch_size=batch_size,
-        isc="isc" in names,
-        fid="fid" in names,
-        kid="kid" in names,
-        prc="prc" in names,
-        feature_extractor=spec.name,
-        feature_extractor_weights_path=spec.weights_path,
-        feature_layer_fid=layers.get("fid"),
-        feature_layer_kid=layers.get("kid"),
-        feature_layer_prc=layers.get("prc"),
-        input2_cache_name=input2_cache_name,
-        cache_root=cache_root,
-        cache=input2_cache_name is not None,
-        rng_seed=seed,
-        kid_subset_size=kid_size,
-        isc_splits=isc_splits,
-        save_cpu_ram=True,
-        samples_find_deep=True,
-        verbose=verbose,
-    )
-    if is_generator:
-        kwargs["input1_model_num_samples"] = num_samples
     try:
-        raw = calculate_metrics(**kwargs)
+        raw = calculate_metrics(
+            input1=input1, input2=input2, cuda=device.type == "cuda", batch_size=batch_size,
+            isc="isc" in names, fid="fid" in names, kid="kid" in names, prc="prc" in names,
+            feature_extractor=spec.name, feature_extractor_weights_path=spec.weights_path,
+            feature_layer_fid=layers.get("fid"), feature_layer_kid=layers.get("kid"),
+            feature_layer_prc=layers.get("prc"), cache=False, rng_seed=seed, kid_subset_size=kid_size,
+            isc_splits=isc_splits, save_cpu_ram=True, samples_find_deep=True, verbose=verbose,
+        )
     except ValueError as e:  # torch-fidelity's assertions
         raise MetricsError(f"torch-fidelity refused the inputs: {e}") from None
     values = {_RESULT_KEYS.get(k, k): float(v) for k, v in raw.items()}
-    protocol = {
+    protocol = _protocol(spec, names, layers, seed, kid_size, isc_splits, allow_few_samples)
+    protocol.update(num_input1=n1, num_input2=n2)
+    return MetricsResult(values, protocol)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _layers(spec: FeatureSpec, names: list[str], fid_layer: str | None) -> dict[str, str]:
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    cls = FEATURE_EXTRACTORS_REGISTRY[spec.name]
+    return {m: (fid_layer if (fid_layer and m in ("fid", "kid", "prc")) else cls.get_default_feature_layer_for_metric(m))
+            for m in names}
+
+
+def _protocol(spec: FeatureSpec, names: list[str], layers: dict[str, str], seed: int, kid_size: int,
+              isc_splits: int, allow_few: bool) -> dict[str, Any]:
+    return {
         "metrics": names,
-        "num_input1": n1,
-        "num_input2": n2 if n2 is not None else "cached",
         "feature_extractor": spec.name,
         "feature_layers": layers,
         "feature_extractor_weights_sha256": spec.weights_sha256,
-        "reference_cache_name": input2_cache_name,
         "seed": seed,
         "kid_subset_size": kid_size if "kid" in names else None,
         "isc_splits": isc_splits if "isc" in names else None,
-        "allow_few_samples": allow_few_samples,
+        "prc_neighborhood": PRC_NEIGHBORHOOD if "prc" in names else None,
+        "allow_few_samples": allow_few,
         "torch_fidelity": _tf_version(),
     }
-    return MetricsResult(values, protocol)
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the initialised ``torch.distributed`` group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """The contiguous block of ``range(n)`` that ``rank`` handles; the blocks of all ranks cover it in order."""
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """Concatenate every rank's (n_r, ...) tensor in rank order, on every rank (CPU result); identity alone."""
+    import torch.distributed as dist
+
+    rank, world = dist_info()
+    if world == 1:
+        return t.cpu()
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = t.to(dev).contiguous()
+    n = torch.tensor([t.shape[0]], device=dev, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(c.item()) for c in sizes]
+    padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+PRC_NEIGHBORHOOD = 3
+
+
+def class_spread(features: Tensor, labels: Tensor, num_classes: int, max_per_class: int = SPREAD_MAX_PER_CLASS) -> Tensor:
+    """Mean pairwise Euclidean distance between the features of each class (the first ``max_per_class`` samples
+    of it): (num_classes,) float64, NaN for a class with fewer than 2 samples."""
+    out = torch.full((num_classes,), float("nan"), dtype=torch.float64)
+    for c in range(num_classes):
+        f = features[labels == c][:max_per_class].double()
+        n = len(f)
+        if n >= 2:
+            out[c] = torch.cdist(f, f).sum() / (n * (n - 1))
+    return out
+
+
+@dataclass
+class Reference:
+    """What metrics need of the reference set, per feature layer: mean and covariance (FID), the features
+    themselves when KID or precision/recall ask for them, and the per-class spread of the spread layer."""
+
+    count: int
+    num_classes: int
+    stats: dict[str, dict[str, Tensor]]
+    spread: Tensor
+
+
+class Evaluator:
+    """Scores generators and image sets against one reference set, from features (see the module docstring).
+
+    Args:
+        feature_extractor: a resolved :class:`FeatureSpec` or a torch-fidelity extractor name.
+        metrics: subset of fid, isc, kid, prc (comma-separated or a list).
+        fid_layer: feature layer for FID / KID / PR (None = the extractor's default, 2048 for Inception).
+        device: where generation and feature extraction run (default: the current CUDA device, else CPU).
+        batch_size: images per generator / extractor call.
+        allow_few_samples: score FID / KID / PR on fewer images than feature dimensions (biased; recorded).
+        progress: show progress bars (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        feature_extractor: FeatureSpec | str = INCEPTION,
+        metrics: str | Sequence[str] = ("fid", "prc"),
+        fid_layer: str | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 100,
+        kid_subset_size: int = 1000,
+        isc_splits: int = 10,
+        allow_few_samples: bool = False,
+        progress: bool = False,
+    ) -> None:
+        from torch_fidelity.utils import create_feature_extractor
+
+        self.names = parse_metrics(metrics)
+        self.spec = feature_extractor if isinstance(feature_extractor, FeatureSpec) else \
+            resolve_feature_extractor(feature_extractor)
+        self.layers = _layers(self.spec, self.names, fid_layer)
+        self.spread_layer = self.layers.get("fid") or _layers(self.spec, ["fid"], fid_layer)["fid"]
+        self.device = _device(device)
+        self.batch_size, self.kid_subset_size, self.isc_splits = batch_size, kid_subset_size, isc_splits
+        self.allow_few_samples, self.progress = allow_few_samples, progress
+        wanted = sorted(set(self.layers.values()) | {self.spread_layer})
+        self.extractor = create_feature_extractor(self.spec.name, wanted, cuda=False,
+                                                  feature_extractor_weights_path=self.spec.weights_path,
+                                                  verbose=False).to(self.device)
+        self.reference: Reference | None = None
+
+    # --------------------------------------------------------------------------------------- features
+    @torch.no_grad()
+    def _features(self, uint8_batches: Any, total: int, desc: str) -> dict[str, Tensor]:
+        from .progress import progress
+
+        out: dict[str, list[Tensor]] = {}
+        rank, _ = dist_info()
+        with progress(total, desc, "img", disable=not self.progress or rank != 0) as bar:
+            for imgs in uint8_batches:
+                feats = self.extractor.convert_features_tuple_to_dict(self.extractor(imgs.to(self.device)))
+                for k, v in feats.items():
+                    out.setdefault(k, []).append(v.detach().float().cpu())
+                bar.update(len(imgs))
+        return {k: gather_rows(torch.cat(v)) for k, v in out.items()}
+
+    def _dataset_features(self, dataset: Dataset, desc: str, num_workers: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+        from torch.utils.data import DataLoader, Subset
+
+        rank, world = dist_info()
+        part = Subset(UInt8Images(dataset, with_labels=True), list(shard(len(dataset), rank, world)))
+        labels: list[Tensor] = []
+
+        def batches():
+            for imgs, y in DataLoader(part, batch_size=self.batch_size, num_workers=num_workers):
+                labels.append(torch.as_tensor(y))
+                yield imgs
+
+        feats = self._features(batches(), len(dataset), desc)
+        return feats, gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+
+    # -------------------------------------------------------------------------------------- reference
+    def _cache_path(self, root: str | None, name: str, layer: str) -> Path:
+        base = Path(root) if root else Path(torch.hub.get_dir()).parent / "fidelity_cache"
+        return base / f"{name}-{self.spec.name}-{layer}.sagan.pt"
+
+    def load_reference(self, dataset: Dataset, num_classes: int = 0, cache_name: str | None = None,
+                       cache_root: str | None = None, num_workers: int = 0) -> Reference:
+        """Statistics of the reference set, from the cache when there (then ``dataset`` is not read), else
+        extracted (all ranks sharing the work) and written to the cache by rank 0."""
+        need_features = {self.layers[m] for m in ("kid", "prc") if m in self.names}
+        layers = sorted({self.layers[m] for m in self.names if m != "isc"} | {self.spread_layer})
+        cached: dict[str, dict[str, Tensor]] = {}
+        if cache_name:
+            for layer in layers:
+                path = self._cache_path(cache_root, cache_name, layer)
+                try:
+                    entry = torch.load(path, map_location="cpu", weights_only=True)
+                except (OSError, RuntimeError, EOFError, ValueError):
+                    break
+                if layer in need_features and entry.get("features") is None:
+                    break
+                cached[layer] = entry
+        if len(cached) == len(layers):
+            stats = cached
+        else:
+            feats, labels = self._dataset_features(dataset, "reference features", num_workers)
+            k = max(num_classes, 1)
+            stats = {}
+            for layer in layers:
+                f = feats[layer]
+                mu, sigma = _moments(f)
+                stats[layer] = {"mu": mu, "sigma": sigma, "count": torch.tensor(len(f)),
+                                "spread": class_spread(f, labels if num_classes else torch.zeros_like(labels), k),
+                                "features": f if layer in need_features else None}
+            if cache_name and dist_info()[0] == 0:
+                for layer, entry in stats.items():
+                    path = self._cache_path(cache_root, cache_name, layer)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+                    torch.save(entry, tmp)
+                    os.replace(tmp, path)
+        count = int(stats[layers[0]]["count"])
+        self.reference = Reference(count, num_classes, stats, stats[self.spread_layer]["spread"])
+        return self.reference
+
+    # ---------------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def generator(self, g: nn.Module, num_samples: int, seed: int = 0) -> MetricsResult:
+        """Score ``num_samples`` images of generator ``g`` (run as it is: put it in eval mode first). Sample i's
+        latent and class label are row i of one seeded draw, whichever rank generates it."""
+        if num_samples is None or num_samples < 1:
+            raise MetricsError(f"the number of generated samples must be a positive integer, got {num_samples}")
+        self._check(num_samples)
+        k = int(getattr(g, "num_classes", 0))
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(num_samples, g.z_dim, generator=gen)  # (N, z_dim): the same on every rank
+        y = torch.randint(0, k, (num_samples,), generator=gen) if k > 0 else torch.zeros(num_samples, dtype=torch.long)
+        rank, world = dist_info()
+        mine = shard(num_samples, rank, world)
+        dev = next(g.parameters()).device
+
+        def batches():
+            for s in range(mine.start, mine.stop, self.batch_size):
+                e = min(s + self.batch_size, mine.stop)
+                yield to_uint8(g(z[s:e].to(dev), y[s:e].to(dev) if k > 0 else None))
+
+        feats = self._features(batches(), num_samples, "generating")
+        result = self._score(feats, y, k, seed)
+        result.protocol.update(num_generated=num_samples)
+        return result
+
+    def images(self, dataset: Dataset, num_classes: int = 0, seed: int = 0, num_workers: int = 0) -> MetricsResult:
+        """Score a set of real images (e.g. the held-out split: the floor a perfect model would reach)."""
+        self._check(len(dataset))
+        feats, labels = self._dataset_features(dataset, "images", num_workers)
+        result = self._score(feats, labels, num_classes, seed)
+        result.protocol.update(num_images=len(dataset))
+        return result
+
+    def _check(self, n: int) -> None:
+        if self.reference is None and any(m != "isc" for m in self.names):
+            raise MetricsError("load_reference() first: FID, KID and precision/recall compare with a reference set")
+        _check_counts(self.names, self.layers, n, self.reference.count if self.reference else None,
+                      self.isc_splits, self.allow_few_samples)
+
+    def _score(self, feats: dict[str, Tensor], labels: Tensor, num_classes: int, seed: int) -> MetricsResult:
+        from torch_fidelity.metric_fid import fid_statistics_to_metric
+        from torch_fidelity.metric_isc import isc_features_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric
+        from torch_fidelity.metric_prc import prc_features_to_metric
+
+        ref = self.reference
+        values: dict[str, float] = {}
+        n = len(labels)
+        kid_size = min(self.kid_subset_size, n, ref.count if ref else n)
+        if "fid" in self.names:
+            mu, sigma = _moments(feats[self.layers["fid"]])
+            r = ref.stats[self.layers["fid"]]
+            out = fid_statistics_to_metric({"mu": mu.numpy(), "sigma": sigma.numpy()},
+                                           {"mu": r["mu"].numpy(), "sigma": r["sigma"].numpy()}, False)
+            values["fid"] = float(out["frechet_inception_distance"])
+        if "isc" in self.names:
+            out = isc_features_to_metric(feats[self.layers["isc"]], splits=self.isc_splits, shuffle=True, rng_seed=seed)
+            values.update(isc=float(out["inception_score_mean"]), isc_std=float(out["inception_score_std"]))
+        if "kid" in self.names:
+            out = kid_features_to_metric(feats[self.layers["kid"]], ref.stats[self.layers["kid"]]["features"],
+                                         kid_subset_size=kid_size, rng_seed=seed, verbose=False)
+            values.update(kid=float(out["kernel_inception_distance_mean"]),
+                          kid_std=float(out["kernel_inception_distance_std"]))
+        if "prc" in self.names:
+            f1 = feats[self.layers["prc"]].to(self.device)
+            f2 = ref.stats[self.layers["prc"]]["features"].to(self.device)
+            out = prc_features_to_metric(f1, f2, prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000,
+                                         save_cpu_ram=False, verbose=False)
+            values.update(precision=float(out["precision"]), recall=float(out["recall"]))
+        if ref is not None:
+            k = max(ref.num_classes, 1)
+            lab = labels if (ref.num_classes and num_classes == ref.num_classes) else torch.zeros_like(labels)
+            ratio = class_spread(feats[self.spread_layer], lab, k) / ref.spread
+            ratio = ratio[torch.isfinite(ratio)]
+            if len(ratio):
+                values.update(spread=float(ratio.mean()), spread_min=float(ratio.min()))
+        protocol = _protocol(self.spec, self.names, self.layers, seed, kid_size, self.isc_splits,
+                             self.allow_few_samples)
+        protocol.update(num_reference=ref.count if ref else None, spread_layer=self.spread_layer,
+                        world_size=dist_info()[1])
+        return MetricsResult(values, protocol)
+
+
+def _moments(f: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
+    f = f.double()
+    mu = f.mean(dim=0)
+    x = f - mu
+    return mu, (x.T @ x) / max(len(f) - 1, 1)
 
 
 def _tf_version() -> str:
@@ -334,17 +561,6 @@ def _count(inp: Any) -> int:
             raise MetricsError(f"image folder {str(inp)!r} holds no png/jpg images")
         return n
     return len(inp)
-
-
-def _cached(name: str, spec: FeatureSpec, layers: dict[str, str], cache_root: str | None) -> bool:
-    """Whether torch-fidelity holds everything it needs for input2 under ``name`` (then the data is not read)."""
-    root = Path(cache_root) if cache_root else Path(torch.hub._get_torch_home()) / "fidelity_cache"
-    need = []
-    if set(layers) == {"fid"}:
-        need.append(root / f"{name}-{spec.name}-stat-fid-{layers['fid']}.pt")
-    else:
-        need += [root / f"{name}-{spec.name}-features-{layer}.pt" for layer in set(layers.values())]
-    return all(p.exists() for p in need)
 
 
 def _check_counts(

@@ -53,11 +53,11 @@ def _check_attn(name: str, attn: Sequence[int], available: Sequence[int]) -> Non
 class GBlock(nn.Module):
     """Generator residual block: CBN-ReLU-up-conv3x3-CBN-ReLU-conv3x3, plus up-conv1x1 shortcut."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_classes: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, num_classes: int, cbn_sn: bool = False) -> None:
         super().__init__()
-        self.bn1 = ConditionalBatchNorm2d(in_ch, num_classes)
+        self.bn1 = ConditionalBatchNorm2d(in_ch, num_classes, sn=cbn_sn)
         self.conv1 = sn_conv2d(in_ch, out_ch, 3)
-        self.bn2 = ConditionalBatchNorm2d(out_ch, num_classes)
+        self.bn2 = ConditionalBatchNorm2d(out_ch, num_classes, sn=cbn_sn)
         self.conv2 = sn_conv2d(out_ch, out_ch, 3)
         self.shortcut = sn_conv2d(in_ch, out_ch, 1, padding=0)
 
@@ -98,7 +98,11 @@ class DBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """SAGAN ResNet generator: z (B, z_dim) [+ class y (B,)] -> image (B, img_channels, R, R) in [-1, 1]."""
+    """SAGAN ResNet generator: z (B, z_dim) [+ class y (B,)] -> image (B, img_channels, R, R) in [-1, 1].
+
+    ``cbn_sn``: spectrally normalised class embeddings in conditional BN (StudioGAN) instead of the official
+    per-class gain/bias initialised to 1/0 (see :class:`~sagan.layers.ConditionalBatchNorm2d`).
+    """
 
     def __init__(
         self,
@@ -109,6 +113,7 @@ class Generator(nn.Module):
         attn_resolutions: Sequence[int] | None = None,
         num_classes: int = 0,
         img_channels: int = 3,
+        cbn_sn: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(resolution)
@@ -129,7 +134,7 @@ class Generator(nn.Module):
         self.attn = nn.ModuleDict()  # block index -> attention after that block
         self.attn_resolution: dict[str, int] = {}
         for i in range(n_blocks):
-            self.blocks.append(GBlock(chans[i], chans[i + 1], num_classes))
+            self.blocks.append(GBlock(chans[i], chans[i + 1], num_classes, cbn_sn))
             if block_res[i] in attn:
                 self.attn[str(i)] = SelfAttention2d(chans[i + 1])
                 self.attn_resolution[str(i)] = block_res[i]

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError
-from .layers import refresh_spectral_norm
 from .models import Generator
 
 GENERATOR_KEYS = ("resolution", "z_dim", "g_ch", "g_ch_mult", "g_attn", "num_classes", "conditional", "img_channels")
@@ -61,7 +60,9 @@ def generator_from_checkpoint(
     if missing:
         raise CheckpointError(f"checkpoint hyper-parameters lack {missing}: it was not written by 'sagan fit'")
     n_cls = hp["num_classes"] if hp["conditional"] else 0
-    g = Generator(hp["resolution"], hp["z_dim"], hp["g_ch"], hp["g_ch_mult"], hp["g_attn"], n_cls, hp["img_channels"])
+    # checkpoints written before ``cbn_sn`` existed used spectrally normalised CBN embeddings
+    g = Generator(hp["resolution"], hp["z_dim"], hp["g_ch"], hp["g_ch_mult"], hp["g_attn"], n_cls, hp["img_channels"],
+                  hp.get("cbn_sn", True))
     prefix = "g_ema.module." if ema else "generator."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
@@ -70,9 +71,7 @@ def generator_from_checkpoint(
         raise CheckpointError(
             f"checkpoint weights do not match the generator its hyper-parameters describe: {str(e).splitlines()[0]}"
         ) from None
-    g.eval()
-    if ema:
-        refresh_spectral_norm(g, n_iterations=5)
+    g.eval()  # as saved: the EMA's spectral-norm vectors are kept current in training (SAGAN._update_ema)
     return g.to(device)
 
 

@@ -17,15 +17,56 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import torch
 from pytorch_lightning.strategies import DDPStrategy
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+
+class TrainingNetworks:
+    """How the training steps call G and D: through their own DDP wrappers under :class:`GANDDPStrategy`, and
+    compiled with ``torch.compile`` when asked. D in G's step is the plain (or compiled) D, never its wrapper: its parameters are
+    frozen there and its gradients must not be all-reduced. A plain object, not an ``nn.Module``, so wrappers and
+    compiled graphs never enter the state dict.
+    """
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, compile: bool = False) -> None:
+        self.generator, self.discriminator, self.compile = generator, discriminator, compile
+        self._ddp: dict[str, nn.Module] = {}
+        self._compiled: dict[str, tuple[nn.Module, nn.Module]] = {}
+
+    def set_ddp(self, generator: nn.Module | None, discriminator: nn.Module | None) -> None:
+        """The DDP wrappers to train G and D through (None: the plain modules)."""
+        self._ddp = {"g": generator, "d": discriminator} if generator is not None else {}
+
+    @property
+    def g(self) -> nn.Module:
+        """G for its own step."""
+        return self._fast("g", self._ddp.get("g") or self.generator)
+
+    @property
+    def d(self) -> nn.Module:
+        """D for its own step."""
+        return self._fast("d", self._ddp.get("d") or self.discriminator)
+
+    @property
+    def d_frozen(self) -> nn.Module:
+        """D as used in G's step."""
+        return self._fast("d_frozen", self.discriminator)
+
+    def _fast(self, key: str, module: nn.Module) -> nn.Module:
+        if not self.compile:
+            return module
+        if key not in self._compiled or self._compiled[key][0] is not module:
+            self._compiled[key] = (module, torch.compile(module))
+        return self._compiled[key][1]
 
 
 class GANDDPStrategy(DDPStrategy):
     """``DDPStrategy`` that wraps the module's ``generator`` and ``discriminator`` separately.
 
-    The LightningModule must define ``set_ddp_wrappers(generator_ddp, discriminator_ddp)`` and use the wrappers
-    for the network it trains in each step (``sagan.module.SAGAN`` does).
+    The LightningModule must hold its networks as ``nets``, a :class:`TrainingNetworks`, and train through it
+    (``sagan.module.SAGAN`` does). ``--trainer.strategy ddp`` selects this strategy in the ``sagan`` command.
     """
 
     strategy_name = "gan_ddp"
@@ -36,17 +77,19 @@ class GANDDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         module = self.model
-        if not hasattr(module, "set_ddp_wrappers"):
-            raise TypeError(f"{type(self).__name__} needs a LightningModule with set_ddp_wrappers(); use DDPStrategy")
+        nets = getattr(module, "nets", None)
+        if not isinstance(nets, TrainingNetworks):
+            raise TypeError(f"{type(self).__name__} needs a LightningModule whose `nets` is a TrainingNetworks; "
+                            "use DDPStrategy for other modules")
         device_ids = self.determine_ddp_device_ids()
-        module.set_ddp_wrappers(
-            DistributedDataParallel(module.generator, device_ids=device_ids, **self._ddp_kwargs),
-            DistributedDataParallel(module.discriminator, device_ids=device_ids, **self._ddp_kwargs),
+        nets.set_ddp(
+            DistributedDataParallel(nets.generator, device_ids=device_ids, **self._ddp_kwargs),
+            DistributedDataParallel(nets.discriminator, device_ids=device_ids, **self._ddp_kwargs),
         )
         # self.model stays the LightningModule itself: no reducer spans both networks
 
     def teardown(self) -> None:
-        module = self.lightning_module
-        if module is not None and hasattr(module, "set_ddp_wrappers"):
-            module.set_ddp_wrappers(None, None)
+        nets = getattr(self.lightning_module, "nets", None)
+        if isinstance(nets, TrainingNetworks):
+            nets.set_ddp(None, None)
         super().teardown()

@@ -42,13 +42,20 @@ class FrozenBNSharedNoiseSAGAN(SharedNoiseSAGAN):
 
 
 class DumpState(pl.Callback):
-    def __init__(self, out: Path) -> None:
-        self.out = out
+    def __init__(self, out: Path, record_indices: bool = False) -> None:
+        self.out, self.record_indices = out, record_indices
+        self.indices: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.record_indices:  # indexed prepared sets carry i in the first pixel's red and green values
+            u = ((batch[0][:, :, 0, 0] + 1) * 127.5).round().long()
+            self.indices += (u[:, 0] + 256 * u[:, 1]).tolist()
 
     def on_train_end(self, trainer, pl_module):
         self.out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        torch.save({"state": state, "g_steps": pl_module.g_steps}, self.out / f"rank{trainer.global_rank}.pt")
+        torch.save({"state": state, "g_steps": pl_module.g_steps, "indices": self.indices},
+                   self.out / f"rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
@@ -61,17 +68,22 @@ def main() -> None:
     p.add_argument("--plain-noise", action="store_true", help="the module's own per-rank noise")
     p.add_argument("--freeze-bn", action="store_true", help="G's BatchNorm in eval mode (no batch coupling)")
     p.add_argument("--long", action="store_true", help="train (nearly) forever, for kill tests")
+    p.add_argument("--prepared", help="train on this prepared set instead of the digits")
     a = p.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    dm = SAGANData("digits", resolution=32, batch_size=a.batch)
+    if a.prepared:
+        dm = SAGANData("prepared", root=a.prepared, resolution=32, batch_size=a.batch, num_workers=0)
+    else:
+        dm = SAGANData("digits", resolution=32, batch_size=a.batch)
     cls = SAGAN if a.plain_noise else FrozenBNSharedNoiseSAGAN if a.freeze_bn else SharedNoiseSAGAN
-    model = cls(resolution=32, img_channels=1, num_classes=10, z_dim=16, g_ch=8, d_ch=8, n_dis=1)
+    model = cls(resolution=32, img_channels=dm.channels, num_classes=max(dm.num_classes, 10), z_dim=16, g_ch=8,
+                d_ch=8, n_dis=1, conditional=dm.num_classes > 0)
     strategy = GANDDPStrategy(process_group_backend="gloo") if a.devices > 1 else "auto"
     trainer = pl.Trainer(
         accelerator="cpu", devices=a.devices, strategy=strategy, max_steps=10**9 if a.long else a.steps,
         sync_batchnorm=a.sync_bn and a.devices > 1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[DumpState(Path(a.out))],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[DumpState(Path(a.out), record_indices=bool(a.prepared))],
         default_root_dir=a.out,
     )
     trainer.fit(model, dm)

@@ -7,12 +7,19 @@ from sagan.errors import ConfigError, DataError
 from conftest import write_images
 
 
+def _batch(dm: SAGANData):
+    """The first training batch as the model sees it: uint8 from the loader, decoded on the device."""
+    raw = next(iter(dm.train_dataloader()))
+    assert raw[0].dtype == torch.uint8  # workers serve uint8; float conversion happens after the transfer
+    return dm.on_after_batch_transfer(raw, 0)
+
+
 def test_digits_are_real_offline_and_upsampled():
     dm = SAGANData("digits", resolution=32, batch_size=16)
     assert dm.num_classes == 10 and dm.channels == 1
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (16, 1, 32, 32) and y.shape == (16,)
+    x, y = _batch(dm)
+    assert x.shape == (16, 1, 32, 32) and y.shape == (16,) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.3
     tr, te = load_digits_arrays("train"), load_digits_arrays("test")
     assert len(tr[0]) + len(te[0]) == 1797 and len(te[0]) == 360
@@ -28,7 +35,7 @@ def test_digits_round_trip_to_8x8():
 def test_digits_at_64_with_three_channels():
     dm = SAGANData("digits", resolution=64, channels=3, batch_size=8)
     dm.setup()
-    x, _ = next(iter(dm.train_dataloader()))
+    x, _ = _batch(dm)
     assert x.shape == (8, 3, 64, 64)
 
 
@@ -37,7 +44,7 @@ def test_flat_folder_is_unconditional(tmp_path):
     dm = SAGANData("folder", root=str(tmp_path / "flat"), resolution=32, batch_size=4)
     assert dm.num_classes == 0
     dm.setup()
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = _batch(dm)
     assert x.shape == (4, 3, 32, 32) and (y == 0).all()
 
 
@@ -47,7 +54,7 @@ def test_class_folders_are_conditional(class_folder):
     dm.setup()
     labels = torch.cat([y for _, y in dm.train_dataloader()])
     assert sorted(labels.unique().tolist()) == [0, 1]
-    x, _ = next(iter(dm.train_dataloader()))
+    x, _ = _batch(dm)
     assert x.shape == (5, 1, 64, 64)
 
 
@@ -57,7 +64,7 @@ def test_mixed_modes_and_sizes_are_normalised(tmp_path):
         p.rename(tmp_path / "mix" / f"rgb_{i}.png")
     dm = SAGANData("folder", root=str(tmp_path / "mix"), resolution=32, batch_size=6)
     dm.setup()
-    x, _ = next(iter(dm.train_dataloader()))
+    x, _ = _batch(dm)
     assert x.shape == (6, 3, 32, 32)
 
 

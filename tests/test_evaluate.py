@@ -45,17 +45,21 @@ def test_in_loop_fid_is_logged_and_best_checkpoint_kept(digits_run):
 def test_evaluate_checkpoint_prints_table_and_writes_protocol(digits_run, capsys, tmp_path):
     run, cache = digits_run
     ckpt = run / "checkpoints" / "last.ckpt"
-    code = evaluate_main(["--ckpt", str(ckpt), "--num-samples", "100", "--metrics", "fid,isc", "--floor",
+    code = evaluate_main(["--ckpt", str(ckpt), "--num-samples", "100", "--metrics", "fid,isc,prc", "--floor",
                           "--cache-root", str(cache), "--device", "cpu"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "generated (EMA)" in out and "real test (floor)" in out and "fid" in out
+    assert "generated (EMA)" in out and "real test (floor)" in out and "fid" in out and "recall" in out
+    assert "x the floor" in out
     data = json.loads(ckpt.with_suffix(".metrics.json").read_text())
     p = data["protocol"]
     assert p["num_generated"] == 100 and p["num_reference"] == 1437
     assert p["reference"]["split"] == "train" and p["feature_extractor"] == "digits-mlp"
     assert len(p["feature_extractor_weights_sha256"]) == 16 and p["seed"] == 0 and p["iteration"] == 4
     assert data["floor"]["metrics"]["fid"] < data["metrics"]["fid"]  # real held-out digits beat an untrained G
+    for part in (data["metrics"], data["floor"]["metrics"]):  # precision, recall and the spread land in the JSON
+        assert {"precision", "recall", "spread", "spread_min"} <= part.keys()
+    assert p["prc_neighborhood"] == 3 and p["spread_layer"] == "64"
 
 
 def test_evaluate_bad_inputs_one_clear_message_each(digits_run, capsys, tmp_path):

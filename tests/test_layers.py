@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sagan.layers import (
     ConditionalBatchNorm2d,
@@ -121,16 +122,39 @@ def test_spectral_norm_converges_through_training_forwards():
     assert abs(float(sigma) - 1.0) < 1e-2
 
 
-def test_conditional_batchnorm_depends_on_class():
+def test_conditional_batchnorm_starts_as_plain_bn_and_learns_per_class():
+    """Official SAGAN init: every class's gain is 1 and bias 0, so at the start CBN equals parameter-free BN."""
     torch.manual_seed(0)
     cbn = ConditionalBatchNorm2d(8, num_classes=4).train()
     x = torch.randn(6, 8, 5, 5)
-    out_a = cbn(x, torch.zeros(6, dtype=torch.long))
-    out_b = cbn(x, torch.full((6,), 3, dtype=torch.long))
-    assert not torch.allclose(out_a, out_b)
-    assert torch.isfinite(out_a).all()
+    plain = F.batch_norm(x, None, None, training=True, eps=cbn.bn.eps)
+    for c in range(4):
+        torch.testing.assert_close(cbn(x, torch.full((6,), c, dtype=torch.long)), plain)
+    assert not any(parametrize.is_parametrized(m) for m in (cbn.gain, cbn.bias))  # BN's affine: no spectral norm
+    with torch.no_grad():  # what training does: classes get their own gain and bias
+        cbn.gain.weight[3].mul_(2.0)
+        cbn.bias.weight[3].add_(0.5)
+    out0, out3 = cbn(x, torch.zeros(6, dtype=torch.long)), cbn(x, torch.full((6,), 3, dtype=torch.long))
+    torch.testing.assert_close(out3, plain * 2.0 + 0.5)
+    torch.testing.assert_close(out0, plain)
+    # class weights mix the tables: a one-hot row equals its index
+    onehot = F.one_hot(torch.full((6,), 3), 4).float()
+    torch.testing.assert_close(cbn(x, onehot), out3)
     with pytest.raises(ValueError, match="class labels"):
         cbn(x)
-    plain = ConditionalBatchNorm2d(8, num_classes=0)
-    assert isinstance(plain.bn, nn.BatchNorm2d) and plain.bn.affine
-    torch.testing.assert_close(plain(x), plain.bn(x))
+    unconditional = ConditionalBatchNorm2d(8, num_classes=0)
+    assert isinstance(unconditional.bn, nn.BatchNorm2d) and unconditional.bn.affine
+    torch.testing.assert_close(unconditional(x), unconditional.bn(x))
+
+
+def test_conditional_batchnorm_with_spectrally_normalised_embeddings():
+    """StudioGAN's variant: gain 1 + SN(E_g)[y], bias SN(E_b)[y]; the tables' largest singular value is 1."""
+    torch.manual_seed(0)
+    cbn = ConditionalBatchNorm2d(8, num_classes=4, sn=True).train()
+    assert parametrize.is_parametrized(cbn.gain) and parametrize.is_parametrized(cbn.bias)
+    x = torch.randn(6, 8, 5, 5)
+    out_a, out_b = cbn(x, torch.zeros(6, dtype=torch.long)), cbn(x, torch.full((6,), 3, dtype=torch.long))
+    assert not torch.allclose(out_a, out_b)  # Xavier-initialised tables: classes differ from the start
+    refresh_spectral_norm(cbn, n_iterations=50)
+    cbn.eval()
+    assert abs(float(torch.linalg.matrix_norm(cbn.bias.weight, ord=2)) - 1.0) < 1e-3

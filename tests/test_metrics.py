@@ -63,15 +63,21 @@ def test_to_uint8_is_the_one_conversion():
         M.to_uint8(torch.zeros(2, 2, 4, 4))
 
 
+def _evaluator(metrics: str = "fid", **kw) -> M.Evaluator:
+    return M.Evaluator("digits-mlp", metrics, device="cpu", **kw)
+
+
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_shift():
     x = real_digits()
-    same = M.compute_metrics(Images(x), Images(x.clone()), metrics="fid", feature_extractor="digits-mlp")
+    ev = _evaluator("fid,kid", kid_subset_size=500)
+    ev.load_reference(Images(x))
+    same = ev.images(Images(x.clone()))
     assert abs(same.values["fid"]) < 1e-3
+    assert same.values["spread"] == pytest.approx(1.0, abs=1e-6)  # the same images: the same spread
     previous = {"fid": 0.0, "kid": 0.0}
     for shift in (20, 60, 120):
         shifted = (x.int() + shift).clamp(0, 255).to(torch.uint8)
-        v = M.compute_metrics(Images(shifted), Images(x), metrics="fid,kid", feature_extractor="digits-mlp",
-                              kid_subset_size=500).values
+        v = ev.images(Images(shifted)).values
         assert v["fid"] > previous["fid"] + 1e-3 and v["kid"] > previous["kid"]
         previous = v
 
@@ -81,64 +87,93 @@ def _tiny_generator(num_classes: int) -> Generator:
     return Generator(32, z_dim=16, ch=8, num_classes=num_classes, img_channels=1).eval()
 
 
-def test_in_memory_path_equals_torch_fidelity_on_folders(tmp_path, inception_weights):
+def _generated(g: Generator, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels the Evaluator draws for (n, seed): row i of one seeded draw."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, g.z_dim, generator=gen)
+    y = torch.randint(0, g.num_classes, (n,), generator=gen) if g.num_classes else None
+    with torch.no_grad():
+        return M.to_uint8(g(z, y)), y
+
+
+def test_generator_scores_equal_torch_fidelity_on_folders(tmp_path, inception_weights):
     g = _tiny_generator(10)
     reference = real_digits()[:150]
-    produced = []
-    orig = M.FidelityGenerator.forward
-
-    def record(self, z):
-        out = orig(self, z)
-        produced.append(out.clone())
-        return out
-
     spec = M.resolve_feature_extractor(M.INCEPTION, str(inception_weights))
-    with mock.patch.object(M.FidelityGenerator, "forward", record):
-        ours = M.compute_metrics(g, Images(reference), metrics="fid,kid", num_samples=100, feature_extractor=spec,
-                                 fid_layer="64", seed=3, batch_size=64, device="cpu", kid_subset_size=50)
-    fakes = torch.cat(produced)
-    assert fakes.shape == (100, 3, 32, 32)
+    ev = M.Evaluator(spec, "fid,kid,prc", fid_layer="64", device="cpu", batch_size=64, kid_subset_size=50)
+    ev.load_reference(Images(reference))
+    ours = ev.generator(g, 100, seed=3)
+    fakes, _ = _generated(g, 100, seed=3)
     for folder, images in (("fake", fakes), ("real", reference)):
         (tmp_path / folder).mkdir()
         for i, img in enumerate(images):
             Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / folder / f"{i:04d}.png")
     theirs = calculate_metrics(
-        input1=str(tmp_path / "fake"), input2=str(tmp_path / "real"), cuda=False, fid=True, kid=True,
+        input1=str(tmp_path / "fake"), input2=str(tmp_path / "real"), cuda=False, fid=True, kid=True, prc=True,
         feature_extractor=M.INCEPTION, feature_extractor_weights_path=str(inception_weights),
-        feature_layer_fid="64", feature_layer_kid="64", kid_subset_size=50, rng_seed=3, verbose=False,
-        save_cpu_ram=True,
+        feature_layer_fid="64", feature_layer_kid="64", feature_layer_prc="64", kid_subset_size=50, rng_seed=3,
+        verbose=False, save_cpu_ram=True,
     )
     fid_theirs = theirs["frechet_inception_distance"]
     assert fid_theirs > 0
     assert ours.values["fid"] == pytest.approx(fid_theirs, rel=1e-3)
     assert ours.values["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-3, abs=1e-6)
+    assert ours.values["precision"] == pytest.approx(theirs["precision"], abs=1e-9)
+    assert ours.values["recall"] == pytest.approx(theirs["recall"], abs=1e-9)
     # the protocol names what was measured
-    assert ours.protocol["num_input1"] == 100 and ours.protocol["num_input2"] == 150
-    assert ours.protocol["feature_layers"]["fid"] == "64"
+    assert ours.protocol["num_generated"] == 100 and ours.protocol["num_reference"] == 150
+    assert ours.protocol["feature_layers"]["fid"] == "64" and ours.protocol["prc_neighborhood"] == 3
     assert ours.protocol["feature_extractor_weights_sha256"] == M.sha256_file(inception_weights)
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_conditional_and_unconditional_generators(num_classes):
     g = _tiny_generator(num_classes)
-    ref = Images(real_digits()[:200])
-    a = M.compute_metrics(g, ref, metrics="fid,isc", num_samples=100, feature_extractor="digits-mlp", seed=1)
-    b = M.compute_metrics(g, ref, metrics="fid,isc", num_samples=100, feature_extractor="digits-mlp", seed=1)
-    assert np.isfinite(a.values["fid"]) and a.values["fid"] > 0 and a.values["isc"] >= 1.0
-    assert a.values == b.values  # seeded latents and labels: reproducible
+    ev = _evaluator("fid,isc,prc")
+    ev.load_reference(Images(real_digits()[:200]))
+    a = ev.generator(g, 100, seed=1).values
+    b = ev.generator(g, 100, seed=1).values
+    assert np.isfinite(a["fid"]) and a["fid"] > 0 and a["isc"] >= 1.0
+    assert 0 <= a["precision"] <= 1 and 0 <= a["recall"] <= 1 and a["spread"] > 0
+    assert a == b  # seeded latents and labels: reproducible
+    assert ev.generator(g, 100, seed=2).values["fid"] != a["fid"]
 
 
-def test_conditional_labels_are_drawn_by_our_seeded_generator():
-    g = _tiny_generator(10)
-    seen = []
-    orig = g.forward
-    g.forward = lambda z, y=None: (seen.append(y), orig(z, y))[1]
-    wrapper = M.FidelityGenerator(g, seed=5)
-    assert wrapper.num_classes == 0  # torch-fidelity's own (np.int) conditional path is never used
-    wrapper(torch.randn(6, 16))
-    again = M.FidelityGenerator(g, seed=5)
-    again(torch.randn(6, 16))
-    assert seen[0] is not None and torch.equal(seen[0], seen[1])
+class Labelled(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+def test_spread_and_recall_see_a_generator_that_draws_one_image_per_class():
+    """The failure a classifier's accuracy cannot see: every sample of a class is the same (right) digit."""
+    ds = SAGANData("digits", resolution=32)
+    train, test = ds.build_dataset("train"), ds.build_dataset("test")
+    ev = _evaluator("fid,prc")
+    ev.load_reference(train, num_classes=10)
+    real = ev.images(test, num_classes=10).values
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([test[i][1] for i in range(len(test))])
+    first = {c: int(torch.nonzero(y == c)[0]) for c in range(10)}
+    collapsed = torch.stack([x[first[int(c)]] for c in y])  # each class: copies of its first image
+    one = ev.images(Labelled(collapsed, y), num_classes=10).values
+    assert 0.8 < real["spread"] < 1.25 and real["spread_min"] > 0.6  # real held-out digits: as varied as the data
+    assert one["spread"] < 0.05 and one["spread_min"] < 0.05
+    assert one["recall"] < 0.5 * real["recall"]
+    assert one["precision"] > 0.5  # every copy is a real digit: precision alone would not notice
+
+
+def test_class_spread_is_mean_pairwise_distance_per_class():
+    f = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0], [9.0, 9.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    s = M.class_spread(f, labels, 4)
+    assert s[0] == pytest.approx(5.0) and s[1] == 0.0
+    assert torch.isnan(s[2]) and torch.isnan(s[3])  # fewer than two samples
 
 
 def test_reference_statistics_are_cached_and_invalidated(tmp_path):
@@ -147,17 +182,20 @@ def test_reference_statistics_are_cached_and_invalidated(tmp_path):
     folder = tmp_path / "imgs"
     write_images(folder, 80, size=32)
 
-    def run(resolution: int) -> Images:
+    def run(resolution: int, metrics: str = "fid") -> Images:
         dm = SAGANData("folder", root=str(folder), resolution=resolution)
-        ds = M.UInt8Images(dm.build_dataset("train", augment=False))
+        ds = M.UInt8Images(dm.build_dataset("train"))
         counting = Images(torch.stack([ds[i] for i in range(len(ds))]))
-        name = f"sagan-folder-train-{dm.fingerprint('train')}"
-        M.compute_metrics(g, counting, metrics="fid", num_samples=64, feature_extractor="digits-mlp",
-                          input2_cache_name=name, cache_root=cache)
+        ev = _evaluator(metrics)
+        ev.load_reference(counting, cache_name=dm.reference_cache_name("train", ev.spec.weights_sha256),
+                          cache_root=cache)
+        ev.generator(g, 64)
         return counting
 
     assert run(32).reads > 0  # first call computes the reference statistics
     assert run(32).reads == 0  # second call reuses them: the reference set is not read at all
+    assert run(32, "fid,prc").reads > 0  # precision/recall need the features themselves, not cached yet
+    assert run(32, "fid,prc").reads == 0
     assert run(64).reads > 0  # another resolution: another cache entry
     p = folder / "img_000.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(p)  # the data changes
@@ -166,19 +204,62 @@ def test_reference_statistics_are_cached_and_invalidated(tmp_path):
 
 def test_too_few_images_or_samples_is_a_clear_error():
     g = _tiny_generator(0)
-    ref = Images(real_digits()[:100])
+    ev = _evaluator("fid")
+    ev.load_reference(Images(real_digits()[:100]))
     with pytest.raises(M.MetricsError, match="at least 64 images.*--allow-few-samples"):
-        M.compute_metrics(g, ref, metrics="fid", num_samples=20, feature_extractor="digits-mlp")
-    few = M.compute_metrics(g, ref, metrics="fid", num_samples=20, feature_extractor="digits-mlp", allow_few_samples=True)
-    assert np.isfinite(few.values["fid"]) and few.protocol["allow_few_samples"] is True
+        ev.generator(g, 20)
+    few = _evaluator("fid", allow_few_samples=True)
+    few.load_reference(Images(real_digits()[:100]))
+    res = few.generator(g, 20)
+    assert np.isfinite(res.values["fid"]) and res.protocol["allow_few_samples"] is True
     with pytest.raises(M.MetricsError, match="at least 2"):
-        M.compute_metrics(g, ref, metrics="fid", num_samples=1, feature_extractor="digits-mlp", allow_few_samples=True)
+        few.generator(g, 1)
     with pytest.raises(M.MetricsError, match="positive integer"):
-        M.compute_metrics(g, ref, metrics="fid", num_samples=0, feature_extractor="digits-mlp")
+        ev.generator(g, 0)
+    kid = _evaluator("kid")
+    kid.load_reference(Images(real_digits()[:30]))
     with pytest.raises(M.MetricsError, match="reference/second set has 30"):
-        M.compute_metrics(g, Images(real_digits()[:30]), metrics="kid", num_samples=100, feature_extractor="digits-mlp")
+        kid.generator(g, 100)
     with pytest.raises(M.MetricsError, match="unknown metric"):
         M.parse_metrics("fid,lpips")
+
+
+def _distributed_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ev = _evaluator("fid,prc,isc")
+        ev.load_reference(SAGANData("digits", resolution=32).build_dataset("train"), num_classes=10)
+        res = ev.generator(_tiny_generator(10), 130, seed=4)  # 130 = 65 + 65: shards of equal size
+        odd = ev.generator(_tiny_generator(10), 129, seed=4)  # 64 + 65
+        torch.save({"values": res.values, "odd": odd.values, "ref_mu": ev.reference.stats["64"]["mu"]},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_evaluation_equals_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ev = _evaluator("fid,prc,isc")
+    ev.load_reference(SAGANData("digits", resolution=32).build_dataset("train"), num_classes=10)
+    single = ev.generator(_tiny_generator(10), 130, seed=4).values
+    single_odd = ev.generator(_tiny_generator(10), 129, seed=4).values
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["values"] == r1["values"] and r0["odd"] == r1["odd"]  # every rank holds the same numbers
+    torch.testing.assert_close(r0["ref_mu"], ev.reference.stats["64"]["mu"], rtol=1e-6, atol=1e-6)
+    for dist_v, one in ((r0["values"], single), (r0["odd"], single_odd)):
+        assert dist_v.keys() == one.keys() >= {"fid", "precision", "recall", "spread", "isc"}
+        for k in one:
+            assert dist_v[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
 
 
 def test_missing_or_foreign_weights_file_is_a_clear_error(tmp_path):

@@ -1,4 +1,5 @@
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -138,3 +139,95 @@ def test_checkpoint_roundtrip_keeps_counters_and_noise(tmp_path):
     assert torch.equal(restored.sample_z, model.sample_z)
     for (k, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def _paper_iterations(model: SAGAN, batches: list, channels_last: bool) -> None:
+    """SAGAN's training iteration written out plainly (hinge loss, Adam, one D step then one G step with D's
+    spectral-norm vectors held, then the EMA): what the module must do, bit for bit, when augmentation and LeCam
+    are off. Batch k draws its latents from the stream seeded by (run seed, rank 0, k)."""
+    from sagan.checkpointing import run_seed, seed_step
+
+    hp = model.hparams
+    g, d = model.generator, model.discriminator
+    if channels_last:
+        for m in (g, d, model.g_ema):
+            m.to(memory_format=torch.channels_last)
+    opt_g = torch.optim.Adam(g.parameters(), lr=hp.lr_g, betas=tuple(hp.betas_g))
+    opt_d = torch.optim.Adam(d.parameters(), lr=hp.lr_d, betas=tuple(hp.betas_d))
+    for k, (x, y) in enumerate(batches):
+        seed_step(run_seed(), 0, k)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        z, y_fake = torch.randn(len(x), hp.z_dim), torch.randint(0, model.num_classes, (len(x),))
+        with torch.no_grad():
+            fake = g(z, y_fake)
+        logits = d(torch.cat([x, fake]), torch.cat([y, y_fake]))
+        loss_d = torch.relu(1 - logits[: len(x)]).mean() + torch.relu(1 + logits[len(x):]).mean()
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        z, y_fake = torch.randn(len(x), hp.z_dim), torch.randint(0, model.num_classes, (len(x),))
+        d.requires_grad_(False)
+        d.eval()  # spectral-norm vectors of D move once per D step
+        loss_g = -d(g(z, y_fake), y_fake).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        d.requires_grad_(True)
+        d.train()
+        model._update_ema()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_without_augmentation_or_lecam_is_the_plain_sagan_step_bit_for_bit(tmp_path, channels_last):
+    import copy
+
+    torch.manual_seed(0)
+    model = _model(n_dis=1, channels_last=channels_last)
+    assert model.hparams.augment == "" and model.hparams.lecam_weight == 0.0  # the defaults: off
+    reference = copy.deepcopy(model)
+    loader = DataLoader(_loader().dataset, batch_size=4, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, loader)
+    assert model.g_steps == 3
+    torch.manual_seed(1)
+    _paper_iterations(reference, [next(it) for it in [iter(loader)] for _ in range(3)], channels_last)
+    for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_augmentation_sees_every_image_d_sees_and_passes_gradients_to_g(tmp_path, monkeypatch):
+    from sagan.augment import DiffAugment
+
+    calls = []
+    real_call = DiffAugment.__call__
+
+    def spy(self, x):
+        out = real_call(self, x)
+        calls.append({"n": len(x), "grad": x.requires_grad, "changed": not torch.equal(out, x), "out": out})
+        if x.requires_grad:
+            out.register_hook(lambda g: calls[-1].update(grad_out=g.abs().sum().item()))
+        return out
+
+    monkeypatch.setattr(DiffAugment, "__call__", spy)
+    torch.manual_seed(0)
+    model = _model(n_dis=1, augment="color,translation,cutout")
+    seen = {}
+    orig_g_step = SAGAN.g_step
+
+    def g_step(self, batch_size):
+        before = _params(self.generator)
+        out = orig_g_step(self, batch_size)
+        seen["g_changed"] = _changed(before, self.generator)
+        seen["grad"] = self.generator.linear.parametrizations.weight.original.grad
+        return out
+
+    monkeypatch.setattr(SAGAN, "g_step", g_step)
+    _fit(model, max_steps=2, tmp_path=tmp_path)  # one D step, one G step
+    d_call, g_call = calls
+    assert d_call["n"] == 8 and not d_call["grad"] and d_call["changed"]  # real and fake batch, one policy
+    assert g_call["n"] == 4 and g_call["grad"] and g_call["changed"]  # G's output, in the graph
+    assert g_call["grad_out"] > 0  # D's gradient flowed back through the augmentation ...
+    assert seen["grad"] is not None and seen["grad"].abs().sum() > 0 and seen["g_changed"]  # ... into G

@@ -12,7 +12,7 @@ PROMISED = {
     "train/loss_d", "train/loss_g", "train/d_real", "train/d_fake", "train/grad_norm_g", "train/grad_norm_d",
     "train/lr_g", "train/lr_d", "train/images_per_s", "train/iteration",
     "attention/gamma_G16", "attention/gamma_D16",
-    "val/fid", "val/kid", "val/isc", "val/fid_best",
+    "val/fid", "val/kid", "val/isc", "val/fid_best", "val/precision", "val/recall", "val/spread", "val/spread_min",
 }
 
 
@@ -26,7 +26,7 @@ def wandb_run(tmp_path_factory):
             *TINY[:-2],  # all but "--trainer.logger false": keep the config's WandbLogger
             "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "2", "--data.batch_size", "8",
             "--samples.every_n_steps", "3", "--attention_maps.every_n_steps", "3", "--fid.every_n_steps", "3",
-            "--fid.num_samples", "100", "--fid.metrics", "[fid, kid, isc]", "--fid.cache_root", str(root / "cache")]
+            "--fid.num_samples", "100", "--fid.metrics", "[fid, kid, isc, prc]", "--fid.cache_root", str(root / "cache")]
     assert run_cli(args) == 0
     files = list((root / "w" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, "one offline run under outputs/<experiment>/wandb"
@@ -40,6 +40,9 @@ def test_every_promised_key_is_logged(wandb_run):
     fids = [row["val/fid"] for row in run.history if "val/fid" in row]
     assert len(fids) == 2 and run.summary["val/fid"]["min"] == pytest.approx(min(fids))
     assert run.metrics["val/fid"]["summary"].startswith("min") and run.metrics["val/isc"]["summary"].startswith("max")
+    assert run.metrics["val/recall"]["summary"].startswith("max") and run.metrics["val/spread"]["summary"].startswith("max")
+    recalls = [row["val/recall"] for row in run.history if "val/recall" in row]
+    assert len(recalls) == 2 and all(0 <= r <= 1 for r in recalls)
     assert run.metrics["*"]["step_metric"] == "trainer/global_step"
 
 

@@ -1,0 +1,145 @@
+"""`sagan prepare` and training from prepared sets: the folder path's pixels, clear errors, disjoint DDP shards."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from sagan.data import SAGANData
+from sagan.errors import DataError
+from sagan.prepared import IMAGES, PreparedDataset, prepare, read_manifest
+
+from conftest import REPO, TINY, run_cli, write_images
+
+
+def _images(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_prepared_set_holds_exactly_the_folder_paths_pixels(class_folder, tmp_path, channels):
+    out = tmp_path / "prep"
+    m = prepare(str(class_folder), out, resolution=32, channels=channels, workers=2, progress=False)
+    assert m["count"] == 20 and m["classes"] == ["cat", "dog"] and m["channels"] == channels
+    assert m["resolution"] == 32 and m["source"]["kind"] == "folder" and len(m["fingerprint"]) == 16
+    assert read_manifest(out) == m
+    folder = SAGANData("folder", root=str(class_folder), resolution=32, channels=channels).build_dataset()
+    prepared = SAGANData("prepared", root=str(out), resolution=32).build_dataset()
+    xf, yf = _images(folder)
+    xp, yp = _images(prepared)
+    assert xp.dtype == torch.uint8 and xp.shape == (20, channels, 32, 32)
+    assert torch.equal(xf, xp) and torch.equal(yf, yp)  # the same bytes, no re-encoding
+    batch = prepared.__getitems__([3, 0, 7])  # the DataLoader's batched read
+    assert torch.equal(batch[0][0], xp[[3, 0, 7]]) and torch.equal(batch[0][1], yp[[3, 0, 7]])
+    in_memory = PreparedDataset(out, in_memory=True)
+    assert torch.equal(_images(in_memory)[0], xp)
+
+
+class _Record(pl.Callback):
+    """The batches as training_step receives them (decoded and flipped on the device)."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append((batch[0].clone(), batch[1].clone()))
+
+
+def _fit_batches(dm: SAGANData, tmp_path, steps: int = 6) -> list:
+    from sagan.module import SAGAN
+
+    pl.seed_everything(3, verbose=False)
+    model = SAGAN(resolution=32, img_channels=dm.channels, num_classes=dm.num_classes, z_dim=16, g_ch=8, d_ch=8,
+                  g_attn=[16], d_attn=[16])
+    rec = _Record()
+    pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+               callbacks=[rec]).fit(model, dm)
+    return rec.batches
+
+
+def test_training_batches_from_prepared_equal_the_folder_path(class_folder, tmp_path):
+    out = tmp_path / "prep"
+    prepare(str(class_folder), out, resolution=32, progress=False)
+    kw = dict(resolution=32, batch_size=4, hflip=True)
+    from_folder = _fit_batches(SAGANData("folder", root=str(class_folder), num_workers=2, **kw), tmp_path / "a")
+    from_prepared = _fit_batches(SAGANData("prepared", root=str(out), num_workers=2, **kw), tmp_path / "b")
+    assert len(from_folder) == len(from_prepared) == 3  # 6 optimizer steps = 3 batches (n_dis = 1)
+    flipped = 0
+    for (xa, ya), (xb, yb) in zip(from_folder, from_prepared, strict=True):
+        assert xa.dtype == torch.float32 and xa.min() >= -1 and xa.max() <= 1
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)  # same order, same pixels, same flips
+        flipped += int((xa != xa.flip(-1)).any())
+    no_flip = _fit_batches(SAGANData("prepared", root=str(out), num_workers=0, resolution=32, batch_size=4), tmp_path / "c")
+    assert sum(not torch.equal(a[0], b[0]) for a, b in zip(from_prepared, no_flip)) > 0  # flips really happen
+
+
+def test_bad_source_images_stop_or_are_skipped_at_prepare_time(tmp_path, capsys):
+    paths = write_images(tmp_path / "imgs", 10, size=32)
+    paths[4].write_bytes(b"not an image")
+    out = tmp_path / "prep"
+    code = run_cli(["prepare", "--source", str(tmp_path / "imgs"), "--out", str(out), "--resolution", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "img_004.png" in err and "--bad-images skip" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob("prep.tmp-*"))  # nothing half-written
+    code = run_cli(["prepare", "--source", str(tmp_path / "imgs"), "--out", str(out), "--resolution", "32",
+                    "--bad-images", "skip"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "skipped 1 unreadable" in printed
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["count"] == 9 and len(m["skipped"]) == 1 and m["skipped"][0].endswith("img_004.png")
+    assert run_cli(["prepare", "--source", str(tmp_path / "imgs"), "--out", str(out), "--resolution", "32"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_truncated_or_foreign_prepared_set_is_one_clear_error(class_folder, tmp_path, capsys):
+    out = tmp_path / "prep"
+    prepare(str(class_folder), out, resolution=32, progress=False)
+    data = (out / IMAGES).read_bytes()
+    (out / IMAGES).write_bytes(data[: len(data) // 2])  # a copy that broke off
+    with pytest.raises(DataError, match=r"damaged.*truncated copy"):
+        SAGANData("prepared", root=str(out), resolution=32)
+    args = ["fit", "--config", str(REPO / "configs/celeba64.yaml"), *TINY, "--output_root", str(tmp_path / "runs"),
+            "--data.dataset", "prepared", "--data.root", str(out), "--data.resolution", "32",
+            "--model.g_attn", "[16]", "--model.d_attn", "[16]", "--trainer.max_steps", "2"]
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and "Traceback" not in err
+    with pytest.raises(DataError, match="not a prepared data set"):
+        SAGANData("prepared", root=str(class_folder), resolution=32)
+    (out / IMAGES).write_bytes(data)
+    with pytest.raises(Exception, match="data.resolution 32"):
+        SAGANData("prepared", root=str(out), resolution=64)
+
+
+def _indexed_set(tmp_path, n: int = 50) -> str:
+    """A prepared set whose image i carries i in its first two pixels."""
+    folder = tmp_path / "indexed"
+    folder.mkdir()
+    for i in range(n):
+        arr = np.zeros((32, 32, 3), np.uint8)
+        arr[0, 0] = (i % 256, i // 256, 7)
+        Image.fromarray(arr).save(folder / f"{i:05d}.png")
+    out = tmp_path / "indexed-prep"
+    prepare(str(folder), out, resolution=32, progress=False)
+    return str(out)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_ranks_read_disjoint_shards_that_cover_the_data(tmp_path):
+    root = _indexed_set(tmp_path)
+    res = subprocess.run([sys.executable, str(REPO / "tests/ddp_script.py"), "--out", str(tmp_path / "o"),
+                          "--devices", "2", "--batch", "5", "--steps", "10", "--prepared", root, "--plain-noise"],
+                         capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    seen = [torch.load(tmp_path / "o" / f"rank{r}.pt", weights_only=True)["indices"] for r in (0, 1)]
+    a, b = set(seen[0]), set(seen[1])
+    assert len(seen[0]) == len(a) == 25 and len(seen[1]) == len(b) == 25  # one epoch: 5 batches of 5 per rank
+    assert not a & b and a | b == set(range(50))
