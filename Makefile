@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?= -m "not slow and not gpu"
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow test-gpu install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# the CUDA paths (tests/test_gpu.py); on a machine without CUDA every test is skipped with the reason
+test-gpu: $(STAMP)
+	SAGAN_TEST_GPU=1 $(BIN)/python -m pytest -m gpu -rs
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

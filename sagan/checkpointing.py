@@ -75,11 +75,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that saves on SIGTERM/SIGUSR1/errors (``save_on_exception``) except after divergence."""
+    """``ModelCheckpoint`` that saves on SIGTERM/SIGUSR1/errors (``save_on_exception``), except after divergence,
+    and, with several processes, except on an error: a checkpoint is a collective (every rank takes part, and
+    Lightning ends it with a barrier), and an error may have happened on one rank only, while the others wait in
+    a training collective. That rank saves nothing and exits at once; Lightning's launcher (or torchrun) then ends
+    the others, and the last periodic checkpoint stays as it was. SIGTERM / SIGUSR1 reach every rank at the same
+    step (Lightning broadcasts rank 0's signal), so a preemption still saves under DDP."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
         if isinstance(exception, (DivergenceError, CheckpointError)):
             return  # keep the last good checkpoint untouched; a failing disk is not retried
+        if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
+            return  # possibly this rank alone: no collective here (see the class docstring)
         super().on_exception(trainer, pl_module, exception)
 
 

@@ -50,6 +50,20 @@ def _check_attn(name: str, attn: Sequence[int], available: Sequence[int]) -> Non
         )
 
 
+class ConditioningStrength:
+    """Mixin: ``cond_strength`` in [0, 1] scales the class signal of a conditional network (transitional
+    conditioning, see ``SAGAN.cond_ramp``); 1 = the plain model. It travels in the state dict as extra state, so a
+    checkpoint taken mid-transition is evaluated as it was trained."""
+
+    cond_strength: float = 1.0
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"cond_strength": float(self.cond_strength)}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.cond_strength = float(state.get("cond_strength", 1.0))
+
+
 class GBlock(nn.Module):
     """Generator residual block: CBN-ReLU-up-conv3x3-CBN-ReLU-conv3x3, plus up-conv1x1 shortcut."""
 
@@ -61,11 +75,11 @@ class GBlock(nn.Module):
         self.conv2 = sn_conv2d(out_ch, out_ch, 3)
         self.shortcut = sn_conv2d(in_ch, out_ch, 1, padding=0)
 
-    def forward(self, x: Tensor, y: Tensor | None) -> Tensor:
-        h = F.relu(self.bn1(x, y))
+    def forward(self, x: Tensor, y: Tensor | None, strength: float = 1.0) -> Tensor:
+        h = F.relu(self.bn1(x, y, strength))
         h = F.interpolate(h, scale_factor=2.0, mode="nearest")
         h = self.conv1(h)
-        h = self.conv2(F.relu(self.bn2(h, y)))
+        h = self.conv2(F.relu(self.bn2(h, y, strength)))
         return h + self.shortcut(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -97,7 +111,7 @@ class DBlock(nn.Module):
         return h + self._shortcut(x)
 
 
-class Generator(nn.Module):
+class Generator(ConditioningStrength, nn.Module):
     """SAGAN ResNet generator: z (B, z_dim) [+ class y (B,)] -> image (B, img_channels, R, R) in [-1, 1].
 
     ``cbn_sn``: spectrally normalised class embeddings in conditional BN (StudioGAN) instead of the official
@@ -140,6 +154,7 @@ class Generator(nn.Module):
                 self.attn_resolution[str(i)] = block_res[i]
         self.out_bn = nn.BatchNorm2d(chans[-1])
         self.out_conv = sn_conv2d(chans[-1], img_channels, 3)
+        self.cond_strength = 1.0  # scale of the class signal (transitional conditioning); saved as extra state
 
     @property
     def conditional(self) -> bool:
@@ -153,7 +168,7 @@ class Generator(nn.Module):
         maps: dict[int, Tensor] = {}
         h = self.linear(z).view(z.shape[0], -1, 4, 4)  # (B, C0, 4, 4)
         for i, block in enumerate(self.blocks):
-            h = block(h, y if self.conditional else None)
+            h = block(h, y if self.conditional else None, self.cond_strength)
             if str(i) in self.attn:
                 if return_attention:
                     h, maps[h.shape[-1]] = self.attn[str(i)](h, return_attention=True)
@@ -163,7 +178,7 @@ class Generator(nn.Module):
         return (img, maps) if return_attention else img
 
 
-class Discriminator(nn.Module):
+class Discriminator(ConditioningStrength, nn.Module):
     """SAGAN ResNet discriminator with projection: image (B, C, R, R) [+ y (B,)] -> logits (B,)."""
 
     def __init__(
@@ -200,6 +215,7 @@ class Discriminator(nn.Module):
         self.linear = sn_linear(chans[-1], 1)
         if num_classes > 0:
             self.embed = sn_embedding(num_classes, chans[-1])
+        self.cond_strength = 1.0  # weight of the projection term (transitional conditioning); saved as extra state
 
     @property
     def conditional(self) -> bool:
@@ -216,7 +232,8 @@ class Discriminator(nn.Module):
         h = F.relu(h).sum(dim=(2, 3))  # (B, C) global sum pooling
         out = self.linear(h).squeeze(1)  # (B,)
         if self.conditional:
-            out = out + (self.embed(y) * h).sum(dim=1)  # projection term <embed(y), h>
+            proj = (self.embed(y) * h).sum(dim=1)  # projection term <embed(y), h>
+            out = out + (proj if self.cond_strength == 1.0 else self.cond_strength * proj)
         return out
 
 

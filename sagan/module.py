@@ -83,6 +83,10 @@ class SAGAN(pl.LightningModule):
             applied to every image D sees, real and generated, in both steps ('' = off). For small data sets.
         lecam_weight: weight of the LeCam regulariser of D (Tseng et al. 2021; 0 = off, 0.3 in the paper's CIFAR-10
             runs); ``lecam_decay`` is the decay of its moving averages of D's outputs.
+        cond_ramp: transitional conditioning (Shahbazi et al., "Collapse by Conditioning", ICLR 2022): iterations
+            (start, end) over which the class signal (G's conditional-BN gains and biases, D's projection term)
+            grows linearly from 0 to full; before ``start`` the model trains unconditionally. None = conditional
+            from the start (the paper's SAGAN).
         ema_decay: decay of the EMA generator; ``ema_warmup`` ramps it up as (1+n)/(10+n).
         sample_per_class: samples per class row in the fixed-noise grid (conditional models).
         sample_num: number of samples in the fixed-noise grid of unconditional models.
@@ -122,6 +126,7 @@ class SAGAN(pl.LightningModule):
         augment: str = "",
         lecam_weight: float = 0.0,
         lecam_decay: float = 0.99,
+        cond_ramp: tuple[int, int] | None = None,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         sample_per_class: int = 10,
@@ -137,6 +142,8 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.n_dis must be >= 1, got {n_dis}")
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+        if cond_ramp is not None and not (len(cond_ramp) == 2 and 0 <= cond_ramp[0] <= cond_ramp[1]):
+            raise ConfigError(f"model.cond_ramp must be [start, end] iterations with 0 <= start <= end, got {cond_ramp}")
         if lecam_weight < 0 or not 0.0 <= lecam_decay < 1.0:
             raise ConfigError(f"model.lecam_weight must be >= 0 and model.lecam_decay in [0, 1), got "
                               f"{lecam_weight} and {lecam_decay}")
@@ -184,6 +191,8 @@ class SAGAN(pl.LightningModule):
         x, y = batch[0], (batch[1] if self.conditional else None)
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.hparams.cond_ramp is not None and self.conditional:
+            self._set_cond_strength(self.counters.g_steps)
         logs = self.d_step(x, y)
         if self.counters.d_steps % self.n_dis == 0:
             logs.update(self.g_step(x.shape[0]))
@@ -244,6 +253,12 @@ class SAGAN(pl.LightningModule):
             self.counters.amp_skipped_steps += 1
             return False, grad_norm
         return True, grad_norm
+
+    def _set_cond_strength(self, iteration: int) -> None:
+        start, end = self.hparams.cond_ramp
+        strength = 1.0 if iteration >= end else 0.0 if iteration < start else (iteration - start) / max(end - start, 1)
+        for m in (self.generator, self.discriminator, self.g_ema.module):
+            m.cond_strength = strength
 
     @torch.no_grad()
     def _lecam_update(self, d_real: Tensor, d_fake: Tensor) -> tuple[Tensor, Tensor]:
@@ -376,6 +391,9 @@ class SAGAN(pl.LightningModule):
                 f"the checkpoint is of another architecture ({pretty}): resume with the run's own config "
                 "(its config.yaml), or start a fresh run"
             )
+        state = checkpoint["state_dict"]
         for key, value in (("lecam_ema", self.lecam_ema), ("lecam_updates", self.lecam_updates)):
-            checkpoint["state_dict"].setdefault(key, value.detach().clone())  # checkpoints from before LeCam
+            state.setdefault(key, value.detach().clone())  # checkpoints from before LeCam
+        for key in ("generator._extra_state", "discriminator._extra_state", "g_ema.module._extra_state"):
+            state.setdefault(key, {"cond_strength": 1.0})  # checkpoints from before transitional conditioning
         self.counters.load_state_dict(checkpoint.get("sagan", {}))

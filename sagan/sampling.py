@@ -65,6 +65,7 @@ def generator_from_checkpoint(
                   hp.get("cbn_sn", True))
     prefix = "g_ema.module." if ema else "generator."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state.setdefault("_extra_state", {"cond_strength": 1.0})  # checkpoints from before transitional conditioning
     try:
         g.load_state_dict(state)
     except RuntimeError as e:

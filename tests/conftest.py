@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if os.environ.get("SAGAN_TEST_GPU") != "1":  # the CPU suite never touches a GPU; `make test-gpu` sets it to 1
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parent.parent

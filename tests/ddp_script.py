@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sagan.checkpointing import AtomicCheckpointIO, Checkpoint  # noqa: E402
 from sagan.data import SAGANData  # noqa: E402
 from sagan.module import SAGAN  # noqa: E402
 from sagan.strategy import GANDDPStrategy  # noqa: E402
@@ -39,6 +40,17 @@ class FrozenBNSharedNoiseSAGAN(SharedNoiseSAGAN):
         for m in self.generator.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.eval()
+
+
+class FailOnRank(pl.Callback):
+    """An error on one rank only (a bad file, a full disk), in the middle of training."""
+
+    def __init__(self, rank: int, iteration: int) -> None:
+        self.rank, self.iteration = rank, iteration
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_rank == self.rank and pl_module.g_steps == self.iteration:
+            raise RuntimeError(f"injected failure on rank {self.rank} at iteration {self.iteration}")
 
 
 class DumpState(pl.Callback):
@@ -69,6 +81,8 @@ def main() -> None:
     p.add_argument("--freeze-bn", action="store_true", help="G's BatchNorm in eval mode (no batch coupling)")
     p.add_argument("--long", action="store_true", help="train (nearly) forever, for kill tests")
     p.add_argument("--prepared", help="train on this prepared set instead of the digits")
+    p.add_argument("--fail-rank", type=int, help="this rank raises an error at iteration --fail-at")
+    p.add_argument("--fail-at", type=int, default=3)
     a = p.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
@@ -80,11 +94,15 @@ def main() -> None:
     model = cls(resolution=32, img_channels=dm.channels, num_classes=max(dm.num_classes, 10), z_dim=16, g_ch=8,
                 d_ch=8, n_dis=1, conditional=dm.num_classes > 0)
     strategy = GANDDPStrategy(process_group_backend="gloo") if a.devices > 1 else "auto"
+    callbacks = [DumpState(Path(a.out), record_indices=bool(a.prepared))]
+    if a.fail_rank is not None:
+        callbacks += [Checkpoint(dirpath=str(Path(a.out) / "checkpoints"), save_last=True, every_n_train_steps=2,
+                                 save_on_exception=True), FailOnRank(a.fail_rank, a.fail_at)]
     trainer = pl.Trainer(
         accelerator="cpu", devices=a.devices, strategy=strategy, max_steps=10**9 if a.long else a.steps,
-        sync_batchnorm=a.sync_bn and a.devices > 1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[DumpState(Path(a.out), record_indices=bool(a.prepared))],
-        default_root_dir=a.out,
+        sync_batchnorm=a.sync_bn and a.devices > 1, logger=False, enable_checkpointing=a.fail_rank is not None,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        default_root_dir=a.out, plugins=[AtomicCheckpointIO()] if a.fail_rank is not None else None,
     )
     trainer.fit(model, dm)
     if a.long:

@@ -118,3 +118,17 @@ def test_cli_ddp_fid_once_then_resume_on_one_process(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert state["global_step"] == 12 and state["sagan"]["g_steps"] == 6
+
+
+@pytest.mark.timeout(300)
+def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path):
+    t = time.time()
+    res = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--devices", "2", "--long",
+                          "--plain-noise", "--fail-rank", "1", "--fail-at", "5"],
+                         capture_output=True, text=True, timeout=280)
+    elapsed = time.time() - t
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "injected failure on rank 1 at iteration 5" in out
+    assert elapsed < 120, elapsed  # start-up included; without the fix it waits for the 30-minute DDP timeout
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # the last periodic one
+    assert state["global_step"] in (8, 10) and state["sagan"]["g_steps"] <= 5

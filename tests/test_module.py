@@ -231,3 +231,37 @@ def test_augmentation_sees_every_image_d_sees_and_passes_gradients_to_g(tmp_path
     assert g_call["n"] == 4 and g_call["grad"] and g_call["changed"]  # G's output, in the graph
     assert g_call["grad_out"] > 0  # D's gradient flowed back through the augmentation ...
     assert seen["grad"] is not None and seen["grad"].abs().sum() > 0 and seen["g_changed"]  # ... into G
+
+
+def test_transitional_conditioning_ramps_the_class_signal(tmp_path):
+    from sagan.layers import ConditionalBatchNorm2d
+
+    torch.manual_seed(0)
+    model = _model(n_dis=1, cond_ramp=(2, 6))
+    for it, expected in ((0, 0.0), (1, 0.0), (2, 0.0), (4, 0.5), (6, 1.0), (9, 1.0)):
+        model._set_cond_strength(it)
+        for m in (model.generator, model.discriminator, model.g_ema.module):
+            assert m.cond_strength == pytest.approx(expected)
+    g, d = model.generator.eval(), model.discriminator.eval()
+    with torch.no_grad():  # classes that training has made different
+        for m in g.modules():
+            if isinstance(m, ConditionalBatchNorm2d):
+                m.gain.weight.add_(0.3 * torch.randn_like(m.gain.weight))
+                m.bias.weight.add_(0.3 * torch.randn_like(m.bias.weight))
+    z = torch.randn(1, 16).repeat(2, 1)
+    labels = torch.tensor([0, 3])
+    model._set_cond_strength(0)
+    img = g(z, labels)
+    torch.testing.assert_close(img[0], img[1])  # strength 0: the class makes no difference ...
+    out = d(img, labels)
+    torch.testing.assert_close(out[0], out[1])
+    model._set_cond_strength(6)
+    assert not torch.allclose(*g(z, labels))  # ... strength 1: it does
+    # the strength travels with the state dict (a checkpoint mid-transition is evaluated as trained)
+    model._set_cond_strength(4)
+    state = model.state_dict()
+    fresh = _model(n_dis=1, cond_ramp=(2, 6))
+    fresh.load_state_dict(state)
+    assert fresh.generator.cond_strength == fresh.g_ema.module.cond_strength == 0.5
+    trainer = _fit(_model(n_dis=1, cond_ramp=(1, 3)), max_steps=8, tmp_path=tmp_path)
+    assert trainer.lightning_module.generator.cond_strength == 1.0  # 4 iterations: ramp done
