@@ -303,3 +303,56 @@ class FIDEvaluation(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.best_fid = state_dict.get("best_fid")
         self.best_step = state_dict.get("best_step")
+
+
+class LoaderMonitor(pl.Callback):
+    """Measures whether the data loader or the model is the bottleneck: the time between the end of one training
+    batch and the start of the next (waiting for data) against the time of the batch itself. After
+    ``warmup + window`` batches it logs ``train/data_wait_fraction`` (median wait / (median wait + median step))
+    and, when the loader holds training back by more than ``threshold`` on a folder or CIFAR-10, prints one line
+    suggesting ``sagan prepare``. Rank 0 reports; nothing is measured after the window."""
+
+    def __init__(self, warmup: int = 5, window: int = 50, threshold: float = 0.25) -> None:
+        super().__init__()
+        self.warmup, self.window, self.threshold = warmup, window, threshold
+        self.waits: list[float] = []
+        self.steps: list[float] = []
+        self._end: float | None = None
+        self._start: float | None = None
+        self._batches = 0
+        self.fraction: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        import time
+
+        self._start = time.perf_counter()
+        if self._end is not None and self.fraction is None and self._batches >= self.warmup:
+            self.waits.append(self._start - self._end)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        import statistics
+        import time
+
+        self._end = time.perf_counter()
+        self._batches += 1
+        if self.fraction is not None or self._start is None:
+            return
+        if self._batches > self.warmup:
+            self.steps.append(self._end - self._start)
+        if len(self.waits) < self.window:
+            return
+        wait, step = statistics.median(self.waits), statistics.median(self.steps)
+        self.fraction = wait / max(wait + step, 1e-12)
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/data_wait_fraction": self.fraction}, step=trainer.global_step)
+        dm = trainer.datamodule
+        kind = getattr(dm, "dataset", None)
+        if trainer.is_global_zero and self.fraction > self.threshold and kind in ("folder", "cifar10"):
+            batch = getattr(dm, "batch_size", 0)
+            root = getattr(dm, "root", "SRC")
+            res = getattr(dm, "resolution", "R")
+            print(f"sagan: the data loader, not the model, is the bottleneck: {100 * self.fraction:.0f}% of the "
+                  f"time goes to waiting for batches ({batch / max(wait + step, 1e-12):.0f} images/s per process). "
+                  f"Prepare the data once: `sagan prepare --source {root} --out {root}-{res} --resolution {res}`, "
+                  f"then train with --data.dataset prepared --data.root {root}-{res} (or raise data.num_workers)",
+                  flush=True)

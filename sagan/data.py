@@ -199,8 +199,8 @@ def decode_images(x: Tensor) -> Tensor:
 
 
 class ResumableSampler(DistributedSampler):
-    """Shuffled, sharded (one shard per process), drop-last sampler whose first epoch after a resume starts
-    ``skip`` samples in, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+    """Shuffled, sharded (one shard per process), drop-last sampler whose first epoch after a resume continues where
+    the interrupted run stopped, so a resumed run sees exactly the batches an uninterrupted run would have seen.
 
     The permutation of epoch e depends only on (seed, e), as in ``DistributedSampler``; being a
     ``DistributedSampler``, Lightning leaves it in place under DDP and calls ``set_epoch`` on it.
@@ -208,13 +208,21 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
+        self.resumed, self.per_epoch = 0, 0
+
+    def resume(self, samples_seen: int, samples_per_epoch: int) -> None:
+        """Continue after ``samples_seen`` samples of this shard, ``samples_per_epoch`` of them per epoch: the
+        next ``__iter__`` serves the rest of epoch ``samples_seen // samples_per_epoch``. The epoch comes from the
+        count, not from ``set_epoch``: with workers Lightning may start the loader before it sets the epoch, and a
+        run stopped at the end of an epoch restores the epoch it stopped in."""
+        self.resumed, self.per_epoch = samples_seen, samples_per_epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        epoch, skip = (divmod(self.resumed, self.per_epoch) if self.resumed and self.per_epoch else (self.epoch, 0))
+        self.resumed = 0
+        g = torch.Generator().manual_seed(self.seed + epoch)
         indices = torch.randperm(len(self.dataset), generator=g)[: self.total_size]
         shard = indices[self.rank : self.total_size : self.num_replicas].tolist()  # (num_samples,)
-        skip, self.skip = self.skip, 0
         return iter(shard[skip:])
 
 
@@ -405,7 +413,7 @@ class SAGANData(pl.LightningDataModule):
         module = trainer.lightning_module if trainer is not None else None
         seen = int(getattr(module, "batches_seen", 0))
         if seen and per_epoch:
-            sampler.skip = max(0, min(per_epoch, seen - trainer.current_epoch * per_epoch)) * self.batch_size
+            sampler.resume(seen * self.batch_size, per_epoch * self.batch_size)
         workers = self.workers(world)
         from .prepared import PreparedDataset, stacked_batch
 

@@ -50,18 +50,15 @@ def _check_attn(name: str, attn: Sequence[int], available: Sequence[int]) -> Non
         )
 
 
-class ConditioningStrength:
-    """Mixin: ``cond_strength`` in [0, 1] scales the class signal of a conditional network (transitional
-    conditioning, see ``SAGAN.cond_ramp``); 1 = the plain model. It travels in the state dict as extra state, so a
-    checkpoint taken mid-transition is evaluated as it was trained."""
-
-    cond_strength: float = 1.0
-
-    def get_extra_state(self) -> dict[str, float]:
-        return {"cond_strength": float(self.cond_strength)}
-
-    def set_extra_state(self, state: dict[str, float]) -> None:
-        self.cond_strength = float(state.get("cond_strength", 1.0))
+def conditioning_strength(ramp: Sequence[int] | None, iteration: int) -> float:
+    """Scale of the class signal at a generator iteration under transitional conditioning (``SAGAN.cond_ramp``):
+    0 before ``ramp[0]``, rising linearly to 1 at ``ramp[1]``; 1 (the plain model) without a ramp. The strength is
+    a function of the iteration, so it needs no place in the state dict: a checkpoint taken mid-transition is
+    evaluated as it was trained (``generator_from_checkpoint``)."""
+    if ramp is None:
+        return 1.0
+    start, end = ramp
+    return 1.0 if iteration >= end else 0.0 if iteration < start else (iteration - start) / max(end - start, 1)
 
 
 class GBlock(nn.Module):
@@ -111,7 +108,7 @@ class DBlock(nn.Module):
         return h + self._shortcut(x)
 
 
-class Generator(ConditioningStrength, nn.Module):
+class Generator(nn.Module):
     """SAGAN ResNet generator: z (B, z_dim) [+ class y (B,)] -> image (B, img_channels, R, R) in [-1, 1].
 
     ``cbn_sn``: spectrally normalised class embeddings in conditional BN (StudioGAN) instead of the official
@@ -154,7 +151,7 @@ class Generator(ConditioningStrength, nn.Module):
                 self.attn_resolution[str(i)] = block_res[i]
         self.out_bn = nn.BatchNorm2d(chans[-1])
         self.out_conv = sn_conv2d(chans[-1], img_channels, 3)
-        self.cond_strength = 1.0  # scale of the class signal (transitional conditioning); saved as extra state
+        self.cond_strength = 1.0  # scale of the class signal (transitional conditioning); see conditioning_strength
 
     @property
     def conditional(self) -> bool:
@@ -178,7 +175,7 @@ class Generator(ConditioningStrength, nn.Module):
         return (img, maps) if return_attention else img
 
 
-class Discriminator(ConditioningStrength, nn.Module):
+class Discriminator(nn.Module):
     """SAGAN ResNet discriminator with projection: image (B, C, R, R) [+ y (B,)] -> logits (B,)."""
 
     def __init__(
@@ -215,7 +212,7 @@ class Discriminator(ConditioningStrength, nn.Module):
         self.linear = sn_linear(chans[-1], 1)
         if num_classes > 0:
             self.embed = sn_embedding(num_classes, chans[-1])
-        self.cond_strength = 1.0  # weight of the projection term (transitional conditioning); saved as extra state
+        self.cond_strength = 1.0  # weight of the projection term (transitional conditioning); see conditioning_strength
 
     @property
     def conditional(self) -> bool:

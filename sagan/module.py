@@ -30,7 +30,7 @@ from .checkpointing import DivergenceGuard, TrainingCounters, run_seed, seed_ste
 from .errors import CheckpointError, ConfigError
 from .layers import refresh_spectral_norm
 from .losses import get_losses, lecam_reg
-from .models import Discriminator, Generator, attention_layers
+from .models import Discriminator, Generator, attention_layers, conditioning_strength
 from .strategy import TrainingNetworks
 
 
@@ -255,8 +255,7 @@ class SAGAN(pl.LightningModule):
         return True, grad_norm
 
     def _set_cond_strength(self, iteration: int) -> None:
-        start, end = self.hparams.cond_ramp
-        strength = 1.0 if iteration >= end else 0.0 if iteration < start else (iteration - start) / max(end - start, 1)
+        strength = conditioning_strength(self.hparams.cond_ramp, iteration)
         for m in (self.generator, self.discriminator, self.g_ema.module):
             m.cond_strength = strength
 
@@ -394,6 +393,6 @@ class SAGAN(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key, value in (("lecam_ema", self.lecam_ema), ("lecam_updates", self.lecam_updates)):
             state.setdefault(key, value.detach().clone())  # checkpoints from before LeCam
-        for key in ("generator._extra_state", "discriminator._extra_state", "g_ema.module._extra_state"):
-            state.setdefault(key, {"cond_strength": 1.0})  # checkpoints from before transitional conditioning
         self.counters.load_state_dict(checkpoint.get("sagan", {}))
+        if self.hparams.get("cond_ramp") is not None and self.conditional:
+            self._set_cond_strength(self.counters.g_steps)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError
-from .models import Generator
+from .models import Generator, conditioning_strength
 
 GENERATOR_KEYS = ("resolution", "z_dim", "g_ch", "g_ch_mult", "g_attn", "num_classes", "conditional", "img_channels")
 
@@ -65,13 +65,14 @@ def generator_from_checkpoint(
                   hp.get("cbn_sn", True))
     prefix = "g_ema.module." if ema else "generator."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    state.setdefault("_extra_state", {"cond_strength": 1.0})  # checkpoints from before transitional conditioning
     try:
         g.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(
             f"checkpoint weights do not match the generator its hyper-parameters describe: {str(e).splitlines()[0]}"
         ) from None
+    if hp.get("cond_ramp") is not None and n_cls:  # mid-transition checkpoints are evaluated as trained
+        g.cond_strength = conditioning_strength(hp["cond_ramp"], ckpt.get("sagan", {}).get("g_steps", 0))
     g.eval()  # as saved: the EMA's spectral-norm vectors are kept current in training (SAGAN._update_ema)
     return g.to(device)
 

@@ -143,3 +143,29 @@ def test_ddp_ranks_read_disjoint_shards_that_cover_the_data(tmp_path):
     a, b = set(seen[0]), set(seen[1])
     assert len(seen[0]) == len(a) == 25 and len(seen[1]) == len(b) == 25  # one epoch: 5 batches of 5 per rank
     assert not a & b and a | b == set(range(50))
+
+
+def test_a_slow_loader_is_reported_with_the_fix(tmp_path, monkeypatch, capsys):
+    import time
+
+    from sagan.data import ImageLoader
+
+    real_call = ImageLoader.__call__
+
+    def slow(self, path):  # a network file system, say: 30 ms per image
+        time.sleep(0.03)
+        return real_call(self, path)
+
+    monkeypatch.setattr(ImageLoader, "__call__", slow)
+    write_images(tmp_path / "imgs", 16, size=32)
+    args = ["fit", "--config", str(REPO / "configs/celeba64.yaml"), *TINY, "--output_root", str(tmp_path / "runs"),
+            "--data.root", str(tmp_path / "imgs"), "--data.resolution", "32", "--data.batch_size", "4",
+            "--data.num_workers", "0", "--model.g_attn", "[16]", "--model.d_attn", "[16]",
+            "--trainer.max_steps", "16", "--samples.every_n_steps", "0",
+            "--loader_monitor.warmup", "1", "--loader_monitor.window", "3"]
+    assert run_cli(args) == 0
+    out = capsys.readouterr().out
+    assert "the data loader, not the model, is the bottleneck" in out and "sagan prepare --source" in out
+    monkeypatch.setattr(ImageLoader, "__call__", real_call)
+    assert run_cli([*args, "--experiment", "fast"]) == 0
+    assert "bottleneck" not in capsys.readouterr().out  # 16 tiny images from the page cache: the model is slower

@@ -46,18 +46,38 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
     assert a["global_step"] == b["global_step"]
     assert a["sagan"]["g_steps"] == b["sagan"]["g_steps"] and a["sagan"]["batches_seen"] == b["sagan"]["batches_seen"]
     assert a["state_dict"].keys() == b["state_dict"].keys()
-    for k in a["state_dict"]:  # G, D, EMA, spectral-norm vectors, BN statistics, sample noise: bitwise
-        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k, v in a["state_dict"].items():  # G, D, EMA, spectral-norm vectors, BN statistics, sample noise: bitwise
+        assert torch.equal(v, b["state_dict"][k]) if torch.is_tensor(v) else v == b["state_dict"][k], k
     for oa, ob in zip(a["optimizer_states"], b["optimizer_states"]):
         for sa, sb in zip(oa["state"].values(), ob["state"].values()):
             for k in sa:
                 assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
 
 
-@pytest.mark.timeout(600)
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
-    # 22 batches per epoch: 60 optimizer steps (n_dis=1) are 30 batches, so the run crosses an epoch boundary
-    common = [*FIT, "--output_root", str(tmp_path), "--trainer.max_steps", "60",
+def _data_args(kind: str, tmp_path: Path) -> list[str]:
+    """Digits in memory; or a folder of 40 images (5 batches of 8 per epoch) read by 2 workers, with random flips
+    (drawn on the device), as a folder or prepared once with `sagan prepare`."""
+    if kind == "digits":
+        return []
+    write_images(tmp_path / "imgs", 40, size=36)
+    root = str(tmp_path / "imgs")
+    if kind == "prepared":
+        from sagan.prepared import prepare
+
+        prepare(root, tmp_path / "prep", resolution=32, progress=False)
+        root = str(tmp_path / "prep")
+    return ["--config", str(REPO / "configs/celeba64.yaml"), *TINY, "--data.dataset", kind, "--data.root", root,
+            "--data.resolution", "32", "--data.batch_size", "8", "--data.num_workers", "2", "--data.hflip", "true",
+            "--model.g_attn", "[16]", "--model.d_attn", "[16]"]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["digits", "folder", "prepared"])
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, kind):
+    # digits: 22 batches per epoch, 60 optimizer steps (n_dis=1) are 30 batches; folders: 5 batches per epoch,
+    # 24 steps are 12 batches. Either way the run, and the interrupted one, cross epoch boundaries
+    steps, kill_after = (60, 14) if kind == "digits" else (24, 8)
+    common = [*FIT, *_data_args(kind, tmp_path), "--output_root", str(tmp_path), "--trainer.max_steps", str(steps),
               "--checkpoint.every_n_train_steps", "2"]
     ref = subprocess.run([*common, "--experiment", "ref"], capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -66,13 +86,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([*common, "--experiment", "run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        _wait_for(lambda: _global_step(last) >= 14, 240, proc)
+        _wait_for(lambda: _global_step(last) >= kill_after, 240, proc)
         proc.send_signal(signal.SIGKILL)  # no chance to clean up
         proc.wait(timeout=30)
     finally:
         proc.kill()
     killed_at = _global_step(last)
-    assert 14 <= killed_at < 60, killed_at  # a real interruption in the middle of the run
+    assert kill_after <= killed_at < steps, killed_at  # a real interruption in the middle of the run
     res = subprocess.run([*common, "--experiment", "run", "--ckpt_path", "last"], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
