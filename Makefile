@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/sagan fit --config configs/digits.yaml --overwrite true
-	$(BIN)/sagan evaluate --ckpt outputs/digits/checkpoints/last.ckpt --num-samples 1000 --metrics fid,kid,isc --floor
+	$(BIN)/sagan evaluate --ckpt outputs/digits/checkpoints/last.ckpt --num-samples 1000 --metrics fid,prc,kid,isc --floor
 	$(BIN)/python scripts/digits_accuracy.py outputs/digits/checkpoints/last.ckpt
 
 test: $(STAMP)

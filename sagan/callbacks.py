@@ -356,3 +356,23 @@ class LoaderMonitor(pl.Callback):
                   f"Prepare the data once: `sagan prepare --source {root} --out {root}-{res} --resolution {res}`, "
                   f"then train with --data.dataset prepared --data.root {root}-{res} (or raise data.num_workers)",
                   flush=True)
+
+
+class FastMath(pl.Callback):
+    """Process-wide numeric switches that Lightning's Trainer has no flag for, set when fitting starts:
+    ``matmul_precision`` is ``torch.set_float32_matmul_precision`` ('highest' = true float32; 'high' = TF32 tensor
+    cores on Ampere and newer GPUs for float32 matmuls, and TF32 for cuDNN convolutions too); ``cudnn_benchmark``
+    lets cuDNN pick the fastest convolution algorithm for the (fixed) shapes of a GAN step. Used by
+    ``configs/trainer/gpu.yaml``; without CUDA only the matmul precision applies (the CPU ignores it)."""
+
+    def __init__(self, matmul_precision: str = "highest", cudnn_benchmark: bool = False) -> None:
+        super().__init__()
+        if matmul_precision not in ("highest", "high", "medium"):
+            raise SaganError(f"fast_math.matmul_precision must be 'highest', 'high' or 'medium', got "
+                             f"{matmul_precision!r}")
+        self.matmul_precision, self.cudnn_benchmark = matmul_precision, cudnn_benchmark
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        torch.backends.cudnn.allow_tf32 = self.matmul_precision != "highest"
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark

@@ -26,8 +26,8 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
-from .callbacks import (AttentionMaps, FIDEvaluation, LoaderMonitor, RunSummary, SampleGrid, WandbDashboard,
-                        wandb_loggers)
+from .callbacks import (AttentionMaps, FastMath, FIDEvaluation, LoaderMonitor, RunSummary, SampleGrid,
+                        WandbDashboard, wandb_loggers)
 from .data import SAGANData
 from .errors import SaganError
 from .module import SAGAN
@@ -118,6 +118,7 @@ class SAGANCLI(LightningCLI):
         parser.add_lightning_class_args(WandbDashboard, "wandb_dashboard")
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(LoaderMonitor, "loader_monitor")
+        parser.add_lightning_class_args(FastMath, "fast_math")
         runs = ("output_root", "experiment")
         parser.link_arguments(runs, "trainer.default_root_dir", compute_fn=_run_dir)
         parser.link_arguments(runs, "checkpoint.dirpath", compute_fn=_ckpt_dir)

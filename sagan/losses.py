@@ -59,6 +59,17 @@ LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], T
 }
 
 
+def mode_seeking_reg(fake: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
+    """Mode-seeking regulariser of G (Mao et al., "Mode Seeking GANs for Diverse Image Synthesis", CVPR 2019, eq. 3):
+    the two halves of the batch are pairs drawn with the same labels and different latents; the loss is the inverse
+    of the image distance per latent distance, mean |G(z1) - G(z2)| / mean |z1 - z2|, so a generator that maps
+    different latents of a class to one image pays for it."""
+    half = fake.shape[0] // 2
+    d_img = (fake[:half] - fake[half : 2 * half]).abs().flatten(1).mean(1)  # (B/2,)
+    d_z = (z[:half] - z[half : 2 * half]).abs().flatten(1).mean(1)  # (B/2,)
+    return 1.0 / (d_img / d_z).mean().add(eps)
+
+
 def get_losses(name: str) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """(discriminator loss, generator loss) by name: 'hinge' or 'nonsaturating'."""
     try:

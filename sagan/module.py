@@ -29,7 +29,7 @@ from .augment import DiffAugment
 from .checkpointing import DivergenceGuard, TrainingCounters, run_seed, seed_step
 from .errors import CheckpointError, ConfigError
 from .layers import refresh_spectral_norm
-from .losses import get_losses, lecam_reg
+from .losses import get_losses, lecam_reg, mode_seeking_reg
 from .models import Discriminator, Generator, attention_layers, conditioning_strength
 from .strategy import TrainingNetworks
 
@@ -83,6 +83,9 @@ class SAGAN(pl.LightningModule):
             applied to every image D sees, real and generated, in both steps ('' = off). For small data sets.
         lecam_weight: weight of the LeCam regulariser of D (Tseng et al. 2021; 0 = off, 0.3 in the paper's CIFAR-10
             runs); ``lecam_decay`` is the decay of its moving averages of D's outputs.
+        mode_seeking: weight of the mode-seeking regulariser of G (Mao et al. 2019, ``losses.mode_seeking_reg``;
+            0 = off): the G step's batch is drawn as pairs with the same label and different latents, and G pays
+            the inverse of their image distance. Against within-class collapse of conditional models.
         cond_ramp: transitional conditioning (Shahbazi et al., "Collapse by Conditioning", ICLR 2022): iterations
             (start, end) over which the class signal (G's conditional-BN gains and biases, D's projection term)
             grows linearly from 0 to full; before ``start`` the model trains unconditionally. None = conditional
@@ -126,6 +129,7 @@ class SAGAN(pl.LightningModule):
         augment: str = "",
         lecam_weight: float = 0.0,
         lecam_decay: float = 0.99,
+        mode_seeking: float = 0.0,
         cond_ramp: tuple[int, int] | None = None,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
@@ -144,6 +148,8 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
         if cond_ramp is not None and not (len(cond_ramp) == 2 and 0 <= cond_ramp[0] <= cond_ramp[1]):
             raise ConfigError(f"model.cond_ramp must be [start, end] iterations with 0 <= start <= end, got {cond_ramp}")
+        if mode_seeking < 0:
+            raise ConfigError(f"model.mode_seeking must be >= 0, got {mode_seeking}")
         if lecam_weight < 0 or not 0.0 <= lecam_decay < 1.0:
             raise ConfigError(f"model.lecam_weight must be >= 0 and model.lecam_decay in [0, 1), got "
                               f"{lecam_weight} and {lecam_decay}")
@@ -226,14 +232,22 @@ class SAGAN(pl.LightningModule):
         self.toggle_optimizer(opt_g)
         self.discriminator.eval()
         z, y_fake = self.sample_latents(batch_size)
-        loss_g = self.g_loss_fn(self.nets.d_frozen(self.augment(self.nets.g(z, y_fake)), y_fake))
+        ms = self.hparams.get("mode_seeking", 0.0)
+        if ms > 0 and y_fake is not None:  # pairs: the second half asks for the first half's classes
+            y_fake[batch_size // 2 : 2 * (batch_size // 2)] = y_fake[: batch_size // 2]
+        fake = self.nets.g(z, y_fake)
+        loss_g = self.g_loss_fn(self.nets.d_frozen(self.augment(fake), y_fake))
+        logs = {}
+        if ms > 0:
+            logs["mode_seeking"] = mode_seeking_reg(fake, z)
+            loss_g = loss_g + ms * logs["mode_seeking"]
         stepped, grad_norm = self._update(opt_g, loss_g, self.generator, "generator")
         self.discriminator.train()
         self.untoggle_optimizer(opt_g)
         if stepped:
             self._update_ema()
         self.counters.g_steps += 1
-        return {"loss_g": loss_g, "grad_norm_g": grad_norm,
+        return {"loss_g": loss_g, "grad_norm_g": grad_norm, **logs,
                 "lr_g": torch.tensor(opt_g.param_groups[0]["lr"])}
 
     # ----------------------------------------------------------------------------------------------- helpers

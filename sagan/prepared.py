@@ -54,6 +54,10 @@ LABELS = "labels.npy"
 # ------------------------------------------------------------------------------------------------------ reading
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a prepared set, checked: one clear error when it is not one, or is damaged."""
+    if "://" in str(root):
+        raise DataError(f"data.root={str(root)!r} is a URL: prepared sets are read through the file system (a memory "
+                        "map). Mount the bucket (mountpoint-s3, s3fs, gcsfuse) or copy the set to local disk, and "
+                        "pass that path")
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():

@@ -2,10 +2,12 @@
 
     python scripts/benchmark.py attention [--repeats 5]
     python scripts/benchmark.py train [--resolutions 32 64 128] [--modes eager channels_last bf16 compile]
+        [--batch-size 16]   on a GPU: --modes eager tf32 bf16 fp16 compile --batch-size 64
     python scripts/benchmark.py ddp [--iters 30]
     python scripts/benchmark.py generate [--batch-size 64] [--repeats 5]
     python scripts/benchmark.py logging [--steps 150] [--interval 25]
     python scripts/benchmark.py fid [--sizes 1000 10000] [--weights PATH]
+    python scripts/benchmark.py loader --root data/photos64/train [--res 64] [--workers 0 1 2] [--batches 60]
 
 Sections:
   attention attention block (SelfAttention2d: its 1x1 convs, pooling and output projection included) forward +
@@ -14,9 +16,10 @@ Sections:
             peak memory (CPU: resident-set high-water mark above the level before the run, each case in a fresh
             process; CUDA: max_memory_allocated above the baseline).
   train     one training iteration (n_dis=1: a D step and a G step, through Lightning) in images/s at 32, 64, 128
-            with the shipped configs' widths, batch 16, for eager fp32 NCHW, channels_last, bf16 autocast and
+            with the shipped configs' widths, batch 16 (--batch-size), on the GPU when there is one, for eager
+            (float32 NCHW, no TF32) and, all channels_last: channels_last (float32), tf32, bf16 and fp16 autocast,
             torch.compile; plus the FLOPs of one iteration (torch.utils.flop_counter) over its time, next to the
-            rate of a large torch.mm on the same device.
+            rate of a large torch.mm on the same device in float32 and bfloat16.
   ddp       training throughput of the digits config, 1 process vs 2 processes (Lightning DDP, GANDDPStrategy) on
             the current machine, at the same global batch; on a CPU the processes share the cores.
   generate  images/s of ``sagan generate``'s path (``generate_images``: per-seed latents, eval generator, one image
@@ -24,10 +27,16 @@ Sections:
             (configs/cifar10.yaml's G) and 64x64 (configs/celeba64.yaml's G); median of repeats after a warm-up.
   logging   cost of W&B logging (offline WandbLogger, the configs' logging interval) per training step of the
             digits config, against no logger; runs alternate (none, W&B, none, W&B), mean step time after warm-up.
-  fid   time of FID for N generated 32x32 images: in-memory (``sagan.metrics.compute_metrics`` on the generator)
-        versus writing PNGs and running torch-fidelity's ``fidelity`` command on the folder. Reference statistics
-        are cached beforehand and shared by both paths, so only the generated side is timed. Without --weights a
-        randomly initialised InceptionV3 of the same shapes is used: the same compute, so the same time.
+  fid       time of the in-loop evaluation (``sagan.metrics.Evaluator.generator``: generate N 32x32 images with the
+            CIFAR-10 config's G, InceptionV3 features, FID + precision/recall) on the current device; the reference
+            features are extracted once beforehand and not timed. Without --weights a randomly initialised
+            InceptionV3 of the same shapes is used: the same compute, so the same time.
+  loader    images/s that the training loader serves (batch 64, uint8 batches as the training step receives them,
+            shuffled, median over ``--batches`` after a warm-up epoch start) for an image folder (PIL decode +
+            resize per image, in worker processes) and for the same folder prepared once with ``sagan prepare``
+            (memory-mapped and in memory), per worker count; plus the time ``sagan prepare`` took and, in the same
+            run, the training step's own images/s at that resolution (configs/celeba64.yaml, batch 64, eager fp32
+            on this device), so the table says whether training would wait for data.
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ def random_inception(path: Path) -> None:
 
 
 def bench_fid(sizes: list[int], weights: str | None, batch_size: int) -> list[str]:
+    """Time of the in-loop evaluation path (``sagan.metrics.Evaluator.generator``: generate, embed, score) for N
+    samples of the CIFAR-10 config's generator, FID + precision/recall, on the current device."""
     work = Path(tempfile.mkdtemp(prefix="sagan-bench-"))
     try:
         if weights is None:
@@ -79,45 +90,23 @@ def bench_fid(sizes: list[int], weights: str | None, batch_size: int) -> list[st
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
         g = Generator(32, z_dim=128, ch=64, num_classes=10, img_channels=3).eval().to(device)  # cifar10.yaml's G
-        cache, ref = str(work / "cache"), work / "ref"
-        ref.mkdir()
-        n_ref = 256  # only the generated side is timed; the reference just has to exist (cached statistics)
-        with torch.no_grad():
-            imgs = M.to_uint8(torch.rand(n_ref, 3, 32, 32) * 2 - 1)
-        for i, im in enumerate(imgs):
-            Image.fromarray(im.permute(1, 2, 0).numpy()).save(ref / f"{i:05d}.png")
+        ev = M.Evaluator(spec, metrics="fid,prc", device=device, batch_size=batch_size, allow_few_samples=True)
+        n_ref = max(sizes)  # precision/recall compare with as many real images as generated ones
+        ref = torch.utils.data.TensorDataset(torch.rand(n_ref, 3, 32, 32) * 2 - 1, torch.zeros(n_ref, dtype=torch.long))
         t = time.perf_counter()
-        M.compute_metrics(str(ref), str(ref), metrics="fid", feature_extractor=spec, input2_cache_name="bench-ref",
-                          cache_root=cache, batch_size=batch_size, device=device, allow_few_samples=True)
-        rows = [f"reference statistics of {n_ref} images (once, then cached): {time.perf_counter() - t:.1f} s"]
-        rows.append("| generated images | in-memory (s) | PNG + `fidelity` (s) | ratio |")
-        rows.append("| ---: | ---: | ---: | ---: |")
+        ev.load_reference(ref)
+        rows = [f"reference features of {n_ref} images (once per run, then cached): {time.perf_counter() - t:.1f} s",
+                "", "| generated images | FID + precision/recall (s) | images/s |", "| ---: | ---: | ---: |"]
         for n in sizes:
+            if device == "cuda":
+                torch.cuda.synchronize()
             t = time.perf_counter()
-            mem = M.compute_metrics(g, str(ref), metrics="fid", num_samples=n, feature_extractor=spec,
-                                    input2_cache_name="bench-ref", cache_root=cache, batch_size=batch_size,
-                                    device=device, allow_few_samples=True)
-            t_mem = time.perf_counter() - t
-            out = work / f"gen{n}"
-            t = time.perf_counter()
-            out.mkdir()
-            gen = M.FidelityGenerator(g, seed=0)
-            with torch.no_grad():
-                for s in range(0, n, batch_size):
-                    batch = gen(torch.randn(min(batch_size, n - s), g.z_dim)).cpu()
-                    for j, im in enumerate(batch):
-                        Image.fromarray(im.permute(1, 2, 0).numpy()).save(out / f"{s + j:06d}.png")
-            cmd = [sys.executable, "-m", "torch_fidelity.fidelity", "--fid", "--input1", str(out), "--input2",
-                   str(ref), "--input2-cache-name", "bench-ref", "--cache-root", cache, "--feature-extractor-weights-path",
-                   weights, "--batch-size", str(batch_size), "--silent"]
-            if device == "cpu":
-                cmd.append("--cpu")
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(res.stderr[-2000:])
-            t_png = time.perf_counter() - t
-            rows.append(f"| {n} | {t_mem:.1f} | {t_png:.1f} | {t_png / t_mem:.2f}x |")
-            print(rows[-1], f"(fid in-memory {mem.values['fid']:.2f})", flush=True)
+            ev.generator(g, n)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            rows.append(f"| {n} | {dt:.1f} | {n / dt:,.0f} |")
+            print(rows[-1], flush=True)
         return rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -299,7 +288,12 @@ def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16) -
 
     pl.seed_everything(0, verbose=False)
     _, widths = TRAIN_WIDTHS[res]
-    model = SAGAN(resolution=res, img_channels=3, z_dim=128, n_dis=1, channels_last=mode == "channels_last",
+    if mode == "tf32":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.backends.cudnn.allow_tf32 = False  # eager = true float32 (cuDNN's default would use TF32)
+    model = SAGAN(resolution=res, img_channels=3, z_dim=128, n_dis=1, channels_last=mode != "eager",
                   compile=mode == "compile", **widths)
     n = batch * (iters + warmup + 1)
     data = TensorDataset(torch.rand(n, 3, res, res) * 2 - 1, torch.randint(0, max(1, widths["num_classes"]), (n,)))
@@ -312,7 +306,7 @@ def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16) -
                 torch.cuda.synchronize()
             Timer.t.append(time.perf_counter())
 
-    precision = "bf16-mixed" if mode == "bf16" else "32-true"
+    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(mode, "32-true")
     trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=2 * (iters + warmup), precision=precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[Timer()])
@@ -320,7 +314,7 @@ def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16) -
     trainer.fit(model, DataLoader(data, batch_size=batch, drop_last=True))
     dts = [b - a for a, b in zip(Timer.t[warmup - 1:], Timer.t[warmup:])]
     flops = None
-    if mode == "eager":
+    if mode in ("eager", "bf16"):
         from torch.utils.flop_counter import FlopCounterMode
 
         model.train()
@@ -339,10 +333,10 @@ def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16) -
             "total_s": time.perf_counter() - t0, "flops": flops}
 
 
-def _mm_rate(device: torch.device, n: int = 4096, repeats: int = 5) -> float:
+def _mm_rate(device: torch.device, n: int = 4096, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     import statistics
 
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ts = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
@@ -353,18 +347,18 @@ def _mm_rate(device: torch.device, n: int = 4096, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(ts[1:])
 
 
-def bench_train(resolutions: list[int], modes: list[str], iters: int, warmup: int) -> list[str]:
+def bench_train(resolutions: list[int], modes: list[str], iters: int, warmup: int, batch: int = 16) -> list[str]:
     import json
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mm = _mm_rate(device)
+    mm = {"fp32": _mm_rate(device), "bf16": _mm_rate(device, dtype=torch.bfloat16)}
     rows = ["| resolution (widths) | mode | images/s | s / iteration | vs eager |", "| --- | --- | ---: | ---: | ---: |"]
     flop_rows = []
     for res in resolutions:
-        base = None
+        base, flops = None, None
         for mode in modes:
             cmd = [sys.executable, __file__, "_train_case", "--res", str(res), "--mode", mode, "--iters", str(iters),
-                   "--warmup", str(warmup)]
+                   "--warmup", str(warmup), "--batch-size", str(batch)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 msg = (r.stderr.strip().splitlines() or ["?"])[-1][:120]
@@ -372,19 +366,82 @@ def bench_train(resolutions: list[int], modes: list[str], iters: int, warmup: in
                 print(rows[-1], flush=True)
                 continue
             d = json.loads(r.stdout.strip().splitlines()[-1])
-            if mode == "eager":
-                base = d["images_s"]
-                if d["flops"]:
-                    flop_rows.append(f"| {res} | {d['flops'] / 1e9:.1f} | {d['iter_s']:.2f} | "
-                                     f"{d['flops'] / d['iter_s'] / 1e9:.1f} | {mm / 1e9:.1f} | "
-                                     f"{100 * d['flops'] / d['iter_s'] / mm:.0f}% |")
+            base = base or (d["images_s"] if mode == "eager" else None)
+            flops = flops or d["flops"]
+            if flops:
+                ref = "bf16" if mode in ("bf16", "fp16") else "fp32"
+                flop_rows.append(f"| {res} | {mode} | {flops / 1e9:.1f} | {d['iter_s']:.3f} | "
+                                 f"{flops / d['iter_s'] / 1e12:.2f} | {ref} {mm[ref] / 1e12:.2f} | "
+                                 f"{100 * flops / d['iter_s'] / mm[ref]:.0f}% |")
             rel = f"{d['images_s'] / base:.2f}x" if base else "-"
-            rows.append(f"| {res} ({TRAIN_WIDTHS[res][0]}) | {mode} | {d['images_s']:.1f} | {d['iter_s']:.2f} | {rel} |")
+            rows.append(f"| {res} ({TRAIN_WIDTHS[res][0]}) | {mode} | {d['images_s']:.1f} | {d['iter_s']:.3f} | {rel} |")
             print(rows[-1], flush=True)
-    rows += ["", "FLOPs of one eager fp32 iteration (batch 16) over its measured time, against a 4096x4096 fp32 "
-             "torch.mm on the same device:", "",
-             "| resolution | GFLOP / iteration | s / iteration | achieved GFLOP/s | torch.mm GFLOP/s | fraction |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |", *flop_rows]
+    rows += ["", f"FLOPs of one iteration (batch {batch}, counted by torch.utils.flop_counter) over its measured time, "
+             f"against a 4096x4096 torch.mm on {device.type} in the matching precision:", "",
+             "| resolution | mode | GFLOP / iteration | s / iteration | achieved TFLOP/s | torch.mm TFLOP/s | fraction |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |", *flop_rows]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ loader
+def _loader_rate(dataset: str, root: str, res: int, workers: int, batches: int, in_memory: bool = False) -> float:
+    from sagan.data import SAGANData
+
+    dm = SAGANData(dataset, root=root, resolution=res, batch_size=64, num_workers=workers, in_memory=in_memory,
+                   seed=0)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+
+    def forever():  # epochs back to back (persistent workers, as in training)
+        while True:
+            yield from loader
+
+    it = forever()
+    for _ in range(max(2, workers * 2)):  # worker start-up and the first prefetches
+        next(it)
+    t = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        x, _ = next(it)
+        n += x.shape[0]
+    rate = n / (time.perf_counter() - t)
+    del it
+    return rate
+
+
+def bench_loader(root: str, res: int, workers: list[int], batches: int) -> list[str]:
+    import json
+
+    from sagan.prepared import prepare
+
+    n_files = sum(1 for p in Path(root).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    rows = [f"{n_files} images under {root}, served at {res}x{res}, batch 64", "",
+            "| path | workers | images/s | vs best folder |", "| --- | ---: | ---: | ---: |"]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        prepare(root, Path(tmp) / "prep", resolution=res, workers=max(workers), progress=False)
+        prep_s = time.perf_counter() - t
+        results = []
+        for w in workers:
+            results.append(("folder", w, _loader_rate("folder", root, res, w, batches)))
+            print(results[-1], flush=True)
+        for mem in (False, True):
+            for w in workers:
+                results.append((f"prepared{' in memory' if mem else ''}", w,
+                                _loader_rate("prepared", str(Path(tmp) / "prep"), res, w, batches * 10, mem)))
+                print(results[-1], flush=True)
+    best_folder = max(r for p, _, r in results if p == "folder")
+    for path, w, rate in results:
+        rows.append(f"| {path} | {w} | {rate:,.0f} | {rate / best_folder:.1f}x |")
+    cmd = [sys.executable, __file__, "_train_case", "--res", str(res), "--mode", "eager", "--iters", "3",
+           "--warmup", "2", "--batch-size", "64"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    step = json.loads(r.stdout.strip().splitlines()[-1])["images_s"] if r.returncode == 0 else None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows += ["", f"`sagan prepare` of the folder: {prep_s:.1f} s ({n_files / prep_s:,.0f} images/s, "
+             f"{max(workers)} workers).",
+             f"Training step on {device} ({res}x{res}, configs/celeba64.yaml, batch 64, eager fp32): "
+             + (f"{step:,.0f} images/s." if step else f"failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")]
     return rows
 
 
@@ -448,7 +505,7 @@ def bench_ddp(iters: int, warmup: int = 5) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "_attn_case",
+    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "loader", "_attn_case",
                                        "_train_case", "_ddp_case"])
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--res", type=int)
@@ -465,7 +522,10 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--weights", help="real InceptionV3 weights (default: random weights of the same shapes)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 64 (generate), 100 (fid)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (generate), 100 (fid), 16 (train)")
+    p.add_argument("--root", help="image folder (loader)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts (loader)")
+    p.add_argument("--batches", type=int, default=60, help="batches timed per folder case (loader)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -480,14 +540,14 @@ def main() -> None:
     if a.section == "_train_case":
         import json
 
-        print(json.dumps(_train_case(a.res, a.mode, a.iters, a.warmup)))
+        print(json.dumps(_train_case(a.res, a.mode, a.iters, a.warmup, a.batch_size or 16)))
         return
     print(header(), flush=True)
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}", flush=True)
     if a.section == "attention":
         rows = bench_attention(a.repeats)
     elif a.section == "train":
-        rows = bench_train(a.resolutions, a.modes, a.iters, a.warmup)
+        rows = bench_train(a.resolutions, a.modes, a.iters, a.warmup, a.batch_size or 16)
     elif a.section == "ddp":
         rows = bench_ddp(a.iters)
     elif a.section == "generate":
@@ -496,6 +556,10 @@ def main() -> None:
         rows = bench_logging(a.steps, a.interval)
     elif a.section == "fid":
         rows = bench_fid(a.sizes, a.weights, a.batch_size or 100)
+    elif a.section == "loader":
+        if not a.root:
+            p.error("loader needs --root FOLDER (e.g. from scripts/make_photo_patches.py --size 64)")
+        rows = bench_loader(a.root, a.res or 64, a.workers, a.batches)
     print("\n".join(rows))
 
 

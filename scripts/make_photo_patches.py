@@ -2,10 +2,11 @@
 
     pip install scikit-image   # not a dependency of sagan; only this script needs it
     python scripts/make_photo_patches.py --out data/photos32 --per-class 1000 --test-per-class 200
+    python scripts/make_photo_patches.py --out data/photos64 --size 64 --per-class 2000 --test-per-class 0
 
 Ten classes, one per photograph (astronaut, coffee, chelsea the cat, rocket, motorcycle, Hubble deep field,
-immunohistochemistry slide, brick wall, grass, gravel): random square crops of 40 to 160 pixels, resized to 32x32
-(bicubic) and saved as PNG, one subfolder per class. Training crops come from the left 75% of each photograph and
+immunohistochemistry slide, brick wall, grass, gravel): random square crops of 40 to 160 pixels, resized to ``--size``
+(32 by default; bicubic) and saved as PNG, one subfolder per class. Training crops come from the left 75% of each photograph and
 held-out crops from the right 25%, so the held-out folder (the FID floor) shares no pixels with the training one.
 A class-conditional GAN that collapses draws the same patch for every latent of a class; the real patches of a
 class vary in position, scale and content.
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--out", default="data/photos32")
     p.add_argument("--per-class", type=int, default=1000)
     p.add_argument("--test-per-class", type=int, default=200)
+    p.add_argument("--size", type=int, default=32, help="patch side in pixels")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     rng = np.random.default_rng(a.seed)
@@ -55,9 +57,11 @@ def main() -> None:
     for name in PHOTOS:
         img = _photo(name)
         for split, n, x0, x1 in (("train", a.per_class, 0.0, 0.75), ("test", a.test_per_class, 0.75, 1.0)):
+            if not n:
+                continue
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            for i, c in enumerate(crops(img, n, x0, x1, rng)):
+            for i, c in enumerate(crops(img, n, x0, x1, rng, a.size)):
                 c.save(folder / f"{i:05d}.png")
         print(f"{name}: {img.size[0]}x{img.size[1]} -> {a.per_class} train + {a.test_per_class} test patches")
     print(f"wrote {out}/train and {out}/test")

@@ -2,6 +2,7 @@
 D steps, learning rates, betas, batch size, conditioning."""
 
 import pytest
+import torch
 import yaml
 
 from sagan.models import attention_layers
@@ -52,3 +53,21 @@ def test_recipe_config_matches_its_source(name, capsys):
     assert g.linear.out_features == claim["g_widths"][0] * 16  # the 4x4 input
     assert [b.conv2.out_channels for b in disc.blocks] == claim["d_widths"]
     assert [b.downsample for b in disc.blocks] == claim["d_down"]
+
+
+def test_gpu_preset_stacks_on_an_experiment_and_sets_fast_math(capsys, monkeypatch):
+    assert run_cli(["fit", "--config", str(REPO / "configs/cifar10.yaml"), "--config",
+                    str(REPO / "configs/trainer/gpu.yaml"), "--print_config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["precision"] == "bf16-mixed" and cfg["model"]["channels_last"] is True
+    assert cfg["model"]["n_dis"] == 5 and cfg["data"]["batch_size"] == 64  # the recipe itself is kept
+    from sagan.callbacks import FastMath
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    before = torch.get_float32_matmul_precision()
+    try:
+        FastMath(**cfg["fast_math"]).setup(None, None, "fit")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark is True
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cudnn.allow_tf32 = True

@@ -29,3 +29,21 @@ def test_loss_shape_checks_and_lookup():
     assert get_losses("hinge") == (d_hinge, g_hinge)
     with pytest.raises(ValueError, match="unknown loss"):
         get_losses("wasserstein")
+
+
+def test_mode_seeking_charges_a_generator_that_ignores_its_latent():
+    from sagan.losses import mode_seeking_reg
+
+    torch.manual_seed(0)
+    z = torch.randn(8, 16)
+    collapsed = torch.randn(1, 1, 8, 8).repeat(8, 1, 1, 1)  # every latent gives the same image
+    varied = torch.randn(8, 1, 8, 8)
+    assert mode_seeking_reg(collapsed, z) > 1000 * mode_seeking_reg(varied, z)
+    # the pairs are (i, i + B/2): swapping within the halves changes nothing, mixing them does
+    perm = torch.cat([torch.arange(4).flip(0), torch.arange(4, 8).flip(0)])
+    torch.testing.assert_close(mode_seeking_reg(varied[perm], z[perm]), mode_seeking_reg(varied, z))
+    # it pushes paired images apart
+    fake = varied.clone().requires_grad_(True)
+    mode_seeking_reg(fake, z).backward()
+    step = fake - 0.01 * fake.grad.sign()
+    assert (step[:4] - step[4:]).abs().mean() > (varied[:4] - varied[4:]).abs().mean()

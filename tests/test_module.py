@@ -268,3 +268,22 @@ def test_transitional_conditioning_ramps_the_class_signal(tmp_path):
     fresh = _model(n_dis=1, cond_ramp=(2, 6))
     fresh.on_load_checkpoint(ckpt)
     assert fresh.generator.cond_strength == fresh.g_ema.module.cond_strength == fresh.discriminator.cond_strength == 0.5
+
+
+def test_mode_seeking_pairs_the_classes_of_the_generator_step(tmp_path):
+    torch.manual_seed(0)
+    model = _model(n_dis=1, mode_seeking=1.0)
+    seen = []
+    g_forward = model.generator.forward
+
+    def spy(z, y=None):
+        if torch.is_grad_enabled():  # the G step (the D step runs G under no_grad)
+            seen.append(y.clone())
+        return g_forward(z, y)
+
+    model.generator.forward = spy
+    trainer = _fit(model, max_steps=4, tmp_path=tmp_path)
+    assert len(seen) == 2
+    for y in seen:
+        assert torch.equal(y[:2], y[2:4])  # batch 4: (0, 2) and (1, 3) are pairs of one class
+    assert "train/mode_seeking" in trainer.callback_metrics

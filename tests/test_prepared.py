@@ -117,6 +117,8 @@ def test_truncated_or_foreign_prepared_set_is_one_clear_error(class_folder, tmp_
     (out / IMAGES).write_bytes(data)
     with pytest.raises(Exception, match="data.resolution 32"):
         SAGANData("prepared", root=str(out), resolution=64)
+    with pytest.raises(DataError, match="Mount the bucket"):  # object stores go through a mount, said in one line
+        SAGANData("prepared", root="s3://bucket/celeba64", resolution=64)
 
 
 def _indexed_set(tmp_path, n: int = 50) -> str:
