@@ -441,7 +441,7 @@ def bench_loader(root: str, res: int, workers: list[int], batches: int) -> list[
     rows += ["", f"`sagan prepare` of the folder: {prep_s:.1f} s ({n_files / prep_s:,.0f} images/s, "
              f"{max(workers)} workers).",
              f"Training step on {device} ({res}x{res}, configs/celeba64.yaml, batch 64, eager fp32): "
-             + (f"{step:,.0f} images/s." if step else f"failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")]
+             + (f"{step:,.3g} images/s." if step else f"failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")]
     return rows
 
 

@@ -10,6 +10,12 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+# measured by `make demo` on a clean clone (2-core CPU, seed 0): FID 4.15 x the floor, recall 0.81 of the floor's,
+# accuracy 89.7%; the thresholds leave room for other CPUs' float rounding. The previous demo recipe: 10.6 x.
+FID_RATIO_MAX = 5.0
+RECALL_FRACTION_MIN = 0.7
+ACCURACY_MIN = 0.85
+
 
 @pytest.mark.timeout(2400)
 def test_the_demo_draws_varied_and_right_digits(tmp_path):
