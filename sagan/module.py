@@ -232,7 +232,7 @@ class SAGAN(pl.LightningModule):
         self.toggle_optimizer(opt_g)
         self.discriminator.eval()
         z, y_fake = self.sample_latents(batch_size)
-        ms = self.hparams.get("mode_seeking", 0.0)
+        ms = self.hparams.mode_seeking
         if ms > 0 and y_fake is not None:  # pairs: the second half asks for the first half's classes
             y_fake[batch_size // 2 : 2 * (batch_size // 2)] = y_fake[: batch_size // 2]
         fake = self.nets.g(z, y_fake)
@@ -404,9 +404,8 @@ class SAGAN(pl.LightningModule):
                 f"the checkpoint is of another architecture ({pretty}): resume with the run's own config "
                 "(its config.yaml), or start a fresh run"
             )
-        state = checkpoint["state_dict"]
         for key, value in (("lecam_ema", self.lecam_ema), ("lecam_updates", self.lecam_updates)):
-            state.setdefault(key, value.detach().clone())  # checkpoints from before LeCam
+            checkpoint["state_dict"].setdefault(key, value.detach().clone())  # checkpoints from before LeCam
         self.counters.load_state_dict(checkpoint.get("sagan", {}))
         if self.hparams.get("cond_ramp") is not None and self.conditional:
             self._set_cond_strength(self.counters.g_steps)
