@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -59,15 +60,40 @@ LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], T
 }
 
 
+def _pair_distance(x: Tensor) -> Tensor:
+    """Mean absolute difference of each pair (first half of the batch vs the second half): (B/2,)."""
+    half = x.shape[0] // 2
+    return (x[:half] - x[half : 2 * half]).abs().flatten(1).mean(1)
+
+
 def mode_seeking_reg(fake: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
     """Mode-seeking regulariser of G (Mao et al., "Mode Seeking GANs for Diverse Image Synthesis", CVPR 2019, eq. 3):
     the two halves of the batch are pairs drawn with the same labels and different latents; the loss is the inverse
     of the image distance per latent distance, mean |G(z1) - G(z2)| / mean |z1 - z2|, so a generator that maps
     different latents of a class to one image pays for it."""
-    half = fake.shape[0] // 2
-    d_img = (fake[:half] - fake[half : 2 * half]).abs().flatten(1).mean(1)  # (B/2,)
-    d_z = (z[:half] - z[half : 2 * half]).abs().flatten(1).mean(1)  # (B/2,)
-    return 1.0 / (d_img / d_z).mean().add(eps)
+    return 1.0 / (_pair_distance(fake) / _pair_distance(z)).mean().add(eps)
+
+
+def same_class_distance(x: Tensor, y: Tensor | None, max_items: int = 64) -> Tensor:
+    """Mean absolute difference over the pairs with the same label among the first ``max_items`` of a batch of
+    images or features (every pair when ``y`` is None): the within-class variety of real data, a scalar; NaN when
+    the batch holds no such pair."""
+    x, y = x[:max_items].flatten(1).float(), (y[:max_items] if y is not None else None)
+    dist = torch.cdist(x, x, p=1) / x.shape[1]  # (n, n)
+    same = torch.ones_like(dist, dtype=torch.bool) if y is None else y[:, None] == y[None, :]
+    same = same.triu(diagonal=1)
+    return dist[same].mean() if same.any() else dist.new_tensor(float("nan"))
+
+
+def diversity_match_reg(fake: Tensor, target: Tensor) -> Tensor:
+    """Mode seeking bounded by the data (after the clipped diversity term of Yang et al., "Diversity-Sensitive
+    Conditional GANs", ICLR 2019): ``fake`` holds same-label pairs from different latents (first half vs second
+    half; images, or D's features of them); the loss is relu(1 - mean |f(z1) - f(z2)| / target), ``target`` being
+    the same distance for real same-class pairs (:func:`same_class_distance`). G pays only while its samples of a
+    class are closer together than real images of the class; a generator as varied as the data feels nothing, so
+    the term cannot push samples past the data's variety (or out of their class) the way the unbounded inverse of
+    :func:`mode_seeking_reg` can. No target yet (0): no loss."""
+    return torch.relu(1.0 - _pair_distance(fake).mean() / target) if target > 0 else fake.new_zeros(())
 
 
 def get_losses(name: str) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]:

@@ -218,7 +218,8 @@ class Discriminator(nn.Module):
     def conditional(self) -> bool:
         return self.num_classes > 0
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B,); with ``return_features`` also the pooled features (B, C) the logits are read from."""
         if self.conditional and y is None:
             raise ValueError("this discriminator is class-conditional: pass class labels y of shape (B,)")
         h = x
@@ -231,7 +232,7 @@ class Discriminator(nn.Module):
         if self.conditional:
             proj = (self.embed(y) * h).sum(dim=1)  # projection term <embed(y), h>
             out = out + (proj if self.cond_strength == 1.0 else self.cond_strength * proj)
-        return out
+        return (out, h) if return_features else out
 
 
 def attention_layers(model: Generator | Discriminator) -> dict[int, SelfAttention2d]:

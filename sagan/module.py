@@ -29,7 +29,7 @@ from .augment import DiffAugment
 from .checkpointing import DivergenceGuard, TrainingCounters, run_seed, seed_step
 from .errors import CheckpointError, ConfigError
 from .layers import refresh_spectral_norm
-from .losses import get_losses, lecam_reg, mode_seeking_reg
+from .losses import diversity_match_reg, get_losses, lecam_reg, mode_seeking_reg, same_class_distance
 from .models import Discriminator, Generator, attention_layers, conditioning_strength
 from .strategy import TrainingNetworks
 
@@ -86,6 +86,10 @@ class SAGAN(pl.LightningModule):
         mode_seeking: weight of the mode-seeking regulariser of G (Mao et al. 2019, ``losses.mode_seeking_reg``;
             0 = off): the G step's batch is drawn as pairs with the same label and different latents, and G pays
             the inverse of their image distance. Against within-class collapse of conditional models.
+        mode_seeking_form: 'msgan', Mao et al.'s unbounded inverse image distance; or 'match_real', a bounded
+            form in D's pooled features (``losses.diversity_match_reg``): G pays only while its same-class pairs
+            lie closer together there than real same-class pairs do (a moving average, decay 0.99, over the
+            real batches of the D steps).
         cond_ramp: transitional conditioning (Shahbazi et al., "Collapse by Conditioning", ICLR 2022): iterations
             (start, end) over which the class signal (G's conditional-BN gains and biases, D's projection term)
             grows linearly from 0 to full; before ``start`` the model trains unconditionally. None = conditional
@@ -130,6 +134,7 @@ class SAGAN(pl.LightningModule):
         lecam_weight: float = 0.0,
         lecam_decay: float = 0.99,
         mode_seeking: float = 0.0,
+        mode_seeking_form: Literal["msgan", "match_real"] = "msgan",
         cond_ramp: tuple[int, int] | None = None,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
@@ -167,6 +172,8 @@ class SAGAN(pl.LightningModule):
         # LeCam's moving averages of D's mean output on real and generated images, and how many updates they had
         self.register_buffer("lecam_ema", torch.zeros(2))
         self.register_buffer("lecam_updates", torch.zeros((), dtype=torch.long))
+        # 'match_real' mode seeking: moving average of the distance between real same-class pairs (0 = none yet)
+        self.register_buffer("real_pair_distance", torch.zeros(()))
         self.counters = TrainingCounters()
         self.guard = DivergenceGuard(nonfinite, max_skips)
         self._last_step_time: float | None = None
@@ -213,7 +220,12 @@ class SAGAN(pl.LightningModule):
         with torch.no_grad():
             fake = self.generator(z, y_fake)
         labels = torch.cat([y, y_fake]) if self.conditional else None
-        logits = self.nets.d(self.augment(torch.cat([x, fake])), labels)  # (2B,)
+        match_real = self.hparams.mode_seeking > 0 and self.hparams.mode_seeking_form == "match_real"
+        if match_real:  # D's pooled features of the real images give the within-class distance G should reach
+            logits, feats = self.nets.d(self.augment(torch.cat([x, fake])), labels, return_features=True)
+            self._track_real_distance(feats[:b].detach(), y)
+        else:
+            logits = self.nets.d(self.augment(torch.cat([x, fake])), labels)  # (2B,)
         d_real, d_fake = logits[:b], logits[b:]
         loss_d = self.d_loss_fn(d_real, d_fake)
         logs = {}
@@ -236,10 +248,16 @@ class SAGAN(pl.LightningModule):
         if ms > 0 and y_fake is not None:  # pairs: the second half asks for the first half's classes
             y_fake[batch_size // 2 : 2 * (batch_size // 2)] = y_fake[: batch_size // 2]
         fake = self.nets.g(z, y_fake)
-        loss_g = self.g_loss_fn(self.nets.d_frozen(self.augment(fake), y_fake))
         logs = {}
+        if ms > 0 and self.hparams.mode_seeking_form == "match_real":
+            logits, feats = self.nets.d_frozen(self.augment(fake), y_fake, return_features=True)
+            logs["mode_seeking"] = diversity_match_reg(feats, self.real_pair_distance)
+        else:
+            logits = self.nets.d_frozen(self.augment(fake), y_fake)
+            if ms > 0:
+                logs["mode_seeking"] = mode_seeking_reg(fake, z)
+        loss_g = self.g_loss_fn(logits)
         if ms > 0:
-            logs["mode_seeking"] = mode_seeking_reg(fake, z)
             loss_g = loss_g + ms * logs["mode_seeking"]
         stepped, grad_norm = self._update(opt_g, loss_g, self.generator, "generator")
         self.discriminator.train()
@@ -284,6 +302,20 @@ class SAGAN(pl.LightningModule):
         self.lecam_ema.mul_(decay).add_(means, alpha=1.0 - decay)
         self.lecam_updates += 1
         return self.lecam_ema[0].clone(), self.lecam_ema[1].clone()
+
+    @torch.no_grad()
+    def _track_real_distance(self, feats: Tensor, y: Tensor | None) -> None:
+        """Fold this real batch's mean same-class pair distance in D's features (averaged over ranks) into
+        ``real_pair_distance``; the first estimate is copied, a batch without a same-class pair changes nothing."""
+        dist = same_class_distance(feats, y)
+        if self.trainer.world_size > 1:
+            both = torch.stack([torch.nan_to_num(dist), (~dist.isnan()).float()])
+            both = self.trainer.strategy.reduce(both, reduce_op="sum")
+            dist = both[0] / both[1] if both[1] > 0 else dist.new_tensor(float("nan"))
+        if dist.isnan():
+            return
+        old = self.real_pair_distance
+        self.real_pair_distance.copy_(dist if old == 0 else 0.99 * old + 0.01 * dist)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -404,7 +436,8 @@ class SAGAN(pl.LightningModule):
                 f"the checkpoint is of another architecture ({pretty}): resume with the run's own config "
                 "(its config.yaml), or start a fresh run"
             )
-        for key, value in (("lecam_ema", self.lecam_ema), ("lecam_updates", self.lecam_updates)):
+        for key, value in (("lecam_ema", self.lecam_ema), ("lecam_updates", self.lecam_updates),
+                           ("real_pair_distance", self.real_pair_distance)):
             checkpoint["state_dict"].setdefault(key, value.detach().clone())  # checkpoints from before LeCam
         self.counters.load_state_dict(checkpoint.get("sagan", {}))
         if self.hparams.get("cond_ramp") is not None and self.conditional:

@@ -47,3 +47,36 @@ def test_mode_seeking_charges_a_generator_that_ignores_its_latent():
     mode_seeking_reg(fake, z).backward()
     step = fake - 0.01 * fake.grad.sign()
     assert (step[:4] - step[4:]).abs().mean() > (varied[:4] - varied[4:]).abs().mean()
+
+
+def test_same_class_distance_uses_only_pairs_of_one_label():
+    from sagan.losses import same_class_distance
+
+    torch.manual_seed(0)
+    proto = torch.randn(3, 1, 4, 4)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    x = proto[y]  # same-class images identical, different classes differ
+    assert same_class_distance(x, y) == 0
+    assert same_class_distance(x, None) > 0.5  # unconditional: every pair counts
+    x2 = x.clone()
+    x2[3] += 1.0  # the second 0 moves by 1 everywhere: the only non-zero same-class pair of three
+    torch.testing.assert_close(same_class_distance(x2, y), torch.tensor(1.0 / 3))
+    assert same_class_distance(x[:3], y[:3]).isnan()  # no pair of one class
+
+
+def test_diversity_match_pays_only_below_the_real_distance_and_pushes_pairs_apart():
+    from sagan.losses import diversity_match_reg
+
+    torch.manual_seed(0)
+    varied = torch.randn(8, 1, 8, 8)
+    dist = (varied[:4] - varied[4:]).abs().mean()
+    assert diversity_match_reg(varied, dist) < 1e-6  # as varied as the data: nothing to pay
+    assert diversity_match_reg(varied, 0.5 * dist) == 0  # more varied: still nothing (bounded, unlike MSGAN)
+    torch.testing.assert_close(diversity_match_reg(varied, 2 * dist), torch.tensor(0.5))
+    collapsed = varied[:1].repeat(8, 1, 1, 1)
+    assert diversity_match_reg(collapsed, dist) == 1
+    assert diversity_match_reg(varied, torch.tensor(0.0)) == 0  # no real estimate yet
+    fake = (varied * 0.1).requires_grad_(True)
+    diversity_match_reg(fake, dist).backward()
+    step = fake - 0.01 * fake.grad.sign()
+    assert (step[:4] - step[4:]).abs().mean() > (fake[:4] - fake[4:]).abs().mean()

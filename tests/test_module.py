@@ -287,3 +287,35 @@ def test_mode_seeking_pairs_the_classes_of_the_generator_step(tmp_path):
     for y in seen:
         assert torch.equal(y[:2], y[2:4])  # batch 4: (0, 2) and (1, 3) are pairs of one class
     assert "train/mode_seeking" in trainer.callback_metrics
+
+
+def test_match_real_mode_seeking_tracks_real_distance_in_d_features_and_charges_g(tmp_path, monkeypatch):
+    import sagan.module
+    from sagan.losses import same_class_distance
+
+    torch.manual_seed(0)
+    model = _model(n_dis=1, mode_seeking=2.0, mode_seeking_form="match_real")
+    seen = []
+    d_forward = model.discriminator.forward
+
+    def spy(x, y=None, return_features=False):
+        out = d_forward(x, y, return_features)
+        if return_features and model.discriminator.training:  # the D step: real images are the first half
+            b = x.shape[0] // 2
+            seen.append(same_class_distance(out[1][:b], y[:b]))
+        return out
+
+    model.discriminator.forward = spy
+    g_losses = []
+    g_step = model.g_step
+    model.g_step = lambda batch_size: g_losses.append(g_step(batch_size)) or g_losses[-1]
+    monkeypatch.setattr(sagan.module, "diversity_match_reg", lambda feats, target: feats.sum() * 0 + 1000.0)
+    _fit(model, max_steps=6, tmp_path=tmp_path)
+    seen = [d for d in seen if not d.isnan()]
+    assert seen, "the test batches must hold same-class pairs"
+    expected = seen[0]
+    for d in seen[1:]:
+        expected = 0.99 * expected + 0.01 * d
+    torch.testing.assert_close(model.real_pair_distance, expected)
+    for out in g_losses:  # the regulariser enters G's loss with its weight
+        assert out["mode_seeking"] == 1000.0 and 1990.0 < out["loss_g"] < 2010.0

@@ -72,7 +72,9 @@ def _data_args(kind: str, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("kind", ["digits", "folder", "prepared"])
+# the folder variant reads the same images through the same sampler and workers as the prepared one (and takes as
+# long): it runs with `make test-slow`
+@pytest.mark.parametrize("kind", ["digits", pytest.param("folder", marks=pytest.mark.slow), "prepared"])
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, kind):
     # digits: 22 batches per epoch, 60 optimizer steps (n_dis=1) are 30 batches; folders: 5 batches per epoch,
     # 24 steps are 12 batches. Either way the run, and the interrupted one, cross epoch boundaries
