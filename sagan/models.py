@@ -218,7 +218,9 @@ class Discriminator(nn.Module):
     def conditional(self) -> bool:
         return self.num_classes > 0
 
-    def forward(self, x: Tensor, y: Tensor | None = None, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, y: Tensor | None = None, return_features: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (B,); with ``return_features`` also the pooled features (B, C) the logits are read from."""
         if self.conditional and y is None:
             raise ValueError("this discriminator is class-conditional: pass class labels y of shape (B,)")

@@ -220,12 +220,10 @@ class SAGAN(pl.LightningModule):
         with torch.no_grad():
             fake = self.generator(z, y_fake)
         labels = torch.cat([y, y_fake]) if self.conditional else None
-        match_real = self.hparams.mode_seeking > 0 and self.hparams.mode_seeking_form == "match_real"
-        if match_real:  # D's pooled features of the real images give the within-class distance G should reach
-            logits, feats = self.nets.d(self.augment(torch.cat([x, fake])), labels, return_features=True)
-            self._track_real_distance(feats[:b].detach(), y)
-        else:
-            logits = self.nets.d(self.augment(torch.cat([x, fake])), labels)  # (2B,)
+        # logits (2B,) and pooled features (2B, C)
+        logits, feats = self.nets.d(self.augment(torch.cat([x, fake])), labels, return_features=True)
+        if self.hparams.mode_seeking > 0 and self.hparams.mode_seeking_form == "match_real":
+            self._track_real_distance(feats[:b].detach(), y)  # the within-class distance G should reach
         d_real, d_fake = logits[:b], logits[b:]
         loss_d = self.d_loss_fn(d_real, d_fake)
         logs = {}
@@ -248,16 +246,12 @@ class SAGAN(pl.LightningModule):
         if ms > 0 and y_fake is not None:  # pairs: the second half asks for the first half's classes
             y_fake[batch_size // 2 : 2 * (batch_size // 2)] = y_fake[: batch_size // 2]
         fake = self.nets.g(z, y_fake)
-        logs = {}
-        if ms > 0 and self.hparams.mode_seeking_form == "match_real":
-            logits, feats = self.nets.d_frozen(self.augment(fake), y_fake, return_features=True)
-            logs["mode_seeking"] = diversity_match_reg(feats, self.real_pair_distance)
-        else:
-            logits = self.nets.d_frozen(self.augment(fake), y_fake)
-            if ms > 0:
-                logs["mode_seeking"] = mode_seeking_reg(fake, z)
+        logits, feats = self.nets.d_frozen(self.augment(fake), y_fake, return_features=True)  # (B,), (B, C)
         loss_g = self.g_loss_fn(logits)
+        logs = {}
         if ms > 0:
+            logs["mode_seeking"] = (diversity_match_reg(feats, self.real_pair_distance)
+                                    if self.hparams.mode_seeking_form == "match_real" else mode_seeking_reg(fake, z))
             loss_g = loss_g + ms * logs["mode_seeking"]
         stepped, grad_norm = self._update(opt_g, loss_g, self.generator, "generator")
         self.discriminator.train()
