@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -175,8 +176,21 @@ class Generator(nn.Module):
         return (img, maps) if return_attention else img
 
 
+class DOutput(NamedTuple):
+    """What the training steps read from D: logits (B,), the pooled features (B, C) they are read from, and the
+    auxiliary classifier's class logits (B, num_classes) when D has one (else None)."""
+
+    logits: Tensor
+    features: Tensor
+    class_logits: Tensor | None
+
+
 class Discriminator(nn.Module):
-    """SAGAN ResNet discriminator with projection: image (B, C, R, R) [+ y (B,)] -> logits (B,)."""
+    """SAGAN ResNet discriminator with projection: image (B, C, R, R) [+ y (B,)] -> logits (B,).
+
+    ``aux_classifier``: also a spectrally normalised linear classifier on the pooled features (the auxiliary
+    classifier of AC-GAN, Odena et al. 2017), read by :class:`~sagan.module.SAGAN` when ``class_weight > 0``.
+    """
 
     def __init__(
         self,
@@ -186,6 +200,7 @@ class Discriminator(nn.Module):
         attn_resolutions: Sequence[int] | None = None,
         num_classes: int = 0,
         img_channels: int = 3,
+        aux_classifier: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(resolution)
@@ -212,6 +227,7 @@ class Discriminator(nn.Module):
         self.linear = sn_linear(chans[-1], 1)
         if num_classes > 0:
             self.embed = sn_embedding(num_classes, chans[-1])
+        self.classifier = sn_linear(chans[-1], num_classes) if aux_classifier and num_classes > 0 else None
         self.cond_strength = 1.0  # weight of the projection term (transitional conditioning); see conditioning_strength
 
     @property
@@ -220,8 +236,9 @@ class Discriminator(nn.Module):
 
     def forward(
         self, x: Tensor, y: Tensor | None = None, return_features: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits (B,); with ``return_features`` also the pooled features (B, C) the logits are read from."""
+    ) -> Tensor | DOutput:
+        """Logits (B,); with ``return_features`` a :class:`DOutput`: the logits, the pooled features (B, C) they
+        are read from and the auxiliary class logits."""
         if self.conditional and y is None:
             raise ValueError("this discriminator is class-conditional: pass class labels y of shape (B,)")
         h = x
@@ -234,7 +251,9 @@ class Discriminator(nn.Module):
         if self.conditional:
             proj = (self.embed(y) * h).sum(dim=1)  # projection term <embed(y), h>
             out = out + (proj if self.cond_strength == 1.0 else self.cond_strength * proj)
-        return (out, h) if return_features else out
+        if not return_features:
+            return out
+        return DOutput(out, h, self.classifier(h) if self.classifier is not None else None)
 
 
 def attention_layers(model: Generator | Discriminator) -> dict[int, SelfAttention2d]:

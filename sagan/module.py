@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
@@ -90,6 +91,11 @@ class SAGAN(pl.LightningModule):
             form in D's pooled features (``losses.diversity_match_reg``): G pays only while its same-class pairs
             lie closer together there than real same-class pairs do (a moving average, decay 0.99, over the
             real batches of the D steps).
+        class_weight: weight of an auxiliary classifier in D (AC-GAN, Odena et al. 2017; 0 = off, the paper's
+            SAGAN): a linear head on D's pooled features learns the classes of the real images (cross-entropy,
+            weight ``class_weight`` in D's loss; real images only, so it never learns G's mistakes), and G pays
+            the same cross-entropy for its samples. A class signal besides the projection, for conditional models
+            whose samples drift out of their class (e.g. under ``mode_seeking``).
         cond_ramp: transitional conditioning (Shahbazi et al., "Collapse by Conditioning", ICLR 2022): iterations
             (start, end) over which the class signal (G's conditional-BN gains and biases, D's projection term)
             grows linearly from 0 to full; before ``start`` the model trains unconditionally. None = conditional
@@ -135,6 +141,7 @@ class SAGAN(pl.LightningModule):
         lecam_decay: float = 0.99,
         mode_seeking: float = 0.0,
         mode_seeking_form: Literal["msgan", "match_real"] = "msgan",
+        class_weight: float = 0.0,
         cond_ramp: tuple[int, int] | None = None,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
@@ -155,6 +162,11 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.cond_ramp must be [start, end] iterations with 0 <= start <= end, got {cond_ramp}")
         if mode_seeking < 0:
             raise ConfigError(f"model.mode_seeking must be >= 0, got {mode_seeking}")
+        if class_weight < 0:
+            raise ConfigError(f"model.class_weight must be >= 0, got {class_weight}")
+        if class_weight > 0 and not (conditional and num_classes > 0):
+            raise ConfigError("model.class_weight > 0 needs a class-conditional model on labelled data "
+                              "(model.conditional true and a data set with classes); set model.class_weight 0")
         if lecam_weight < 0 or not 0.0 <= lecam_decay < 1.0:
             raise ConfigError(f"model.lecam_weight must be >= 0 and model.lecam_decay in [0, 1), got "
                               f"{lecam_weight} and {lecam_decay}")
@@ -163,7 +175,8 @@ class SAGAN(pl.LightningModule):
         n_cls = num_classes if conditional else 0
         self.num_classes, self.z_dim, self.n_dis = n_cls, z_dim, n_dis
         self.generator = Generator(resolution, z_dim, g_ch, g_ch_mult, g_attn, n_cls, img_channels, cbn_sn)
-        self.discriminator = Discriminator(resolution, d_ch, d_ch_mult, d_attn, n_cls, img_channels)
+        self.discriminator = Discriminator(resolution, d_ch, d_ch_mult, d_attn, n_cls, img_channels,
+                                           aux_classifier=class_weight > 0)
         self.g_ema = AveragedModel(self.generator, multi_avg_fn=_WarmupEMA(ema_decay, ema_warmup), use_buffers=False)
         self.g_ema.requires_grad_(False)
         self.nets = TrainingNetworks(self.generator, self.discriminator, compile)  # DDP wrappers / compiled graphs
@@ -220,13 +233,15 @@ class SAGAN(pl.LightningModule):
         with torch.no_grad():
             fake = self.generator(z, y_fake)
         labels = torch.cat([y, y_fake]) if self.conditional else None
-        # logits (2B,) and pooled features (2B, C)
-        logits, feats = self.nets.d(self.augment(torch.cat([x, fake])), labels, return_features=True)
+        out = self.nets.d(self.augment(torch.cat([x, fake])), labels, return_features=True)  # logits (2B,) ...
         if self.hparams.mode_seeking > 0 and self.hparams.mode_seeking_form == "match_real":
-            self._track_real_distance(feats[:b].detach(), y)  # the within-class distance G should reach
-        d_real, d_fake = logits[:b], logits[b:]
+            self._track_real_distance(out.features[:b].detach(), y)  # the within-class distance G should reach
+        d_real, d_fake = out.logits[:b], out.logits[b:]
         loss_d = self.d_loss_fn(d_real, d_fake)
         logs = {}
+        if self.hparams.class_weight > 0:  # the auxiliary classifier learns the real images' classes only
+            logs["class_d"] = F.cross_entropy(out.class_logits[:b], y)
+            loss_d = loss_d + self.hparams.class_weight * logs["class_d"]
         if self.hparams.lecam_weight > 0:
             logs["lecam"] = lecam_reg(d_real, d_fake, *self._lecam_update(d_real, d_fake))
             loss_d = loss_d + self.hparams.lecam_weight * logs["lecam"]
@@ -246,11 +261,14 @@ class SAGAN(pl.LightningModule):
         if ms > 0 and y_fake is not None:  # pairs: the second half asks for the first half's classes
             y_fake[batch_size // 2 : 2 * (batch_size // 2)] = y_fake[: batch_size // 2]
         fake = self.nets.g(z, y_fake)
-        logits, feats = self.nets.d_frozen(self.augment(fake), y_fake, return_features=True)  # (B,), (B, C)
-        loss_g = self.g_loss_fn(logits)
+        out = self.nets.d_frozen(self.augment(fake), y_fake, return_features=True)
+        loss_g = self.g_loss_fn(out.logits)
         logs = {}
+        if self.hparams.class_weight > 0:
+            logs["class_g"] = F.cross_entropy(out.class_logits, y_fake)
+            loss_g = loss_g + self.hparams.class_weight * logs["class_g"]
         if ms > 0:
-            logs["mode_seeking"] = (diversity_match_reg(feats, self.real_pair_distance)
+            logs["mode_seeking"] = (diversity_match_reg(out.features, self.real_pair_distance)
                                     if self.hparams.mode_seeking_form == "match_real" else mode_seeking_reg(fake, z))
             loss_g = loss_g + ms * logs["mode_seeking"]
         stepped, grad_norm = self._update(opt_g, loss_g, self.generator, "generator")

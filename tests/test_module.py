@@ -319,3 +319,52 @@ def test_match_real_mode_seeking_tracks_real_distance_in_d_features_and_charges_
     torch.testing.assert_close(model.real_pair_distance, expected)
     for out in g_losses:  # the regulariser enters G's loss with its weight
         assert out["mode_seeking"] == 1000.0 and 1990.0 < out["loss_g"] < 2010.0
+
+
+def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_samples(tmp_path, monkeypatch):
+    import sagan.module
+
+    torch.manual_seed(0)
+    model = _model(n_dis=1, class_weight=0.5)
+    assert model.discriminator.classifier is not None and _model().discriminator.classifier is None
+    calls = []  # (D in training mode?, logits, targets) of every cross-entropy the steps take
+    real_ce = torch.nn.functional.cross_entropy
+
+    def spy(logits, target):
+        calls.append((model.discriminator.training, logits, target))
+        return real_ce(logits, target) * 0 + 1000.0
+
+    monkeypatch.setattr(sagan.module.F, "cross_entropy", spy)
+    batches, d_outs = [], []
+    d_step = model.d_step
+    model.d_step = lambda x, y: batches.append(y.clone()) or d_step(x, y)
+    d_forward = model.discriminator.forward
+
+    def d_spy(x, y=None, return_features=False):
+        out = d_forward(x, y, return_features)
+        if model.discriminator.training:
+            d_outs.append(out)
+        return out
+
+    model.discriminator.forward = d_spy
+    g_logs = []
+    g_step = model.g_step
+    model.g_step = lambda batch_size: g_logs.append(g_step(batch_size)) or g_logs[-1]
+    _fit(model, max_steps=4, tmp_path=tmp_path)  # two D steps and two G steps
+    d_calls = [c for c in calls if c[0]]
+    g_calls = [c for c in calls if not c[0]]
+    assert len(d_calls) == 2 and len(g_calls) == 2
+    for (_, logits, target), y, out in zip(d_calls, batches, d_outs):  # D: real half only, the data's labels
+        assert torch.equal(logits, out.class_logits[: len(y)]) and torch.equal(target, y)
+    for (_, logits, target), out in zip(g_calls, g_logs):  # G: its own samples, with the labels it was asked for
+        assert logits.shape == (4, 4) and logits.requires_grad
+        assert out["class_g"] == 1000.0 and 490.0 < out["loss_g"] < 510.0  # enters G's loss with its weight
+
+
+def test_auxiliary_classifier_needs_classes():
+    from sagan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.class_weight"):
+        _model(num_classes=0, class_weight=1.0)
+    with pytest.raises(ConfigError, match="model.class_weight"):
+        _model(conditional=False, class_weight=1.0)
