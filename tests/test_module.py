@@ -335,7 +335,7 @@ def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_sam
         return real_ce(logits, target) * 0 + 1000.0
 
     monkeypatch.setattr(sagan.module.F, "cross_entropy", spy)
-    batches, d_outs = [], []
+    batches, d_outs, g_labels = [], [], []
     d_step = model.d_step
     model.d_step = lambda x, y: batches.append(y.clone()) or d_step(x, y)
     d_forward = model.discriminator.forward
@@ -344,6 +344,8 @@ def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_sam
         out = d_forward(x, y, return_features)
         if model.discriminator.training:
             d_outs.append(out)
+        else:  # G's step: the labels G was asked for
+            g_labels.append(y.clone())
         return out
 
     model.discriminator.forward = d_spy
@@ -356,8 +358,8 @@ def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_sam
     assert len(d_calls) == 2 and len(g_calls) == 2
     for (_, logits, target), y, out in zip(d_calls, batches, d_outs):  # D: real half only, the data's labels
         assert torch.equal(logits, out.class_logits[: len(y)]) and torch.equal(target, y)
-    for (_, logits, target), out in zip(g_calls, g_logs):  # G: its own samples, with the labels it was asked for
-        assert logits.shape == (4, 4) and logits.requires_grad
+    for (_, logits, target), out, y in zip(g_calls, g_logs, g_labels):  # G: its samples, the labels it asked for
+        assert logits.shape == (4, 4) and logits.requires_grad and torch.equal(target, y)
         assert out["class_g"] == 1000.0 and 490.0 < out["loss_g"] < 510.0  # enters G's loss with its weight
 
 
