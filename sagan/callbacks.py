@@ -89,13 +89,15 @@ class AttentionMaps(pl.Callback):
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
-        if not trainer.is_global_zero or len(pl_module.generator.attn) == 0:
+        if len(pl_module.generator.attn) == 0:
+            return
+        g = pl_module.ema_generator()  # on every rank: its standing statistics may synchronise (SyncBatchNorm)
+        if not trainer.is_global_zero:
             return
         from PIL import Image
 
         from .visualize import attention_figure, default_query_points
 
-        g = pl_module.ema_generator()
         n = min(self.num_images, len(pl_module.sample_z))
         idx = torch.linspace(0, len(pl_module.sample_z) - 1, n).round().long()
         z, y = pl_module.sample_z[idx], pl_module.sample_y[idx] if pl_module.conditional else None

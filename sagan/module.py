@@ -101,6 +101,12 @@ class SAGAN(pl.LightningModule):
             grows linearly from 0 to full; before ``start`` the model trains unconditionally. None = conditional
             from the start (the paper's SAGAN).
         ema_decay: decay of the EMA generator; ``ema_warmup`` ramps it up as (1+n)/(10+n).
+        ema_bn_samples: "standing statistics" of the EMA generator (Brock et al. 2019, BigGAN, appendix C.1):
+            before the EMA generator is used (sample grids, in-loop evaluation, attention maps) and in every
+            checkpoint, its BatchNorm running statistics are recomputed for its own averaged weights from this many
+            fresh samples (a private random stream seeded by ``sample_seed``: training itself is unchanged bit for
+            bit). 0 = keep the running statistics of G, which belong to other weights (measured to cost FID,
+            BENCHMARKS.md).
         sample_per_class: samples per class row in the fixed-noise grid (conditional models).
         sample_num: number of samples in the fixed-noise grid of unconditional models.
         sample_seed: seed of the fixed sample noise (stored in the checkpoint, so grids stay comparable on resume).
@@ -145,6 +151,7 @@ class SAGAN(pl.LightningModule):
         cond_ramp: tuple[int, int] | None = None,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
+        ema_bn_samples: int = 1024,
         sample_per_class: int = 10,
         sample_num: int = 64,
         sample_seed: int = 0,
@@ -162,6 +169,8 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.cond_ramp must be [start, end] iterations with 0 <= start <= end, got {cond_ramp}")
         if mode_seeking < 0:
             raise ConfigError(f"model.mode_seeking must be >= 0, got {mode_seeking}")
+        if ema_bn_samples < 0:
+            raise ConfigError(f"model.ema_bn_samples must be >= 0 (0 = G's BatchNorm statistics), got {ema_bn_samples}")
         if class_weight < 0:
             raise ConfigError(f"model.class_weight must be >= 0, got {class_weight}")
         if class_weight > 0 and not (conditional and num_classes > 0):
@@ -190,6 +199,7 @@ class SAGAN(pl.LightningModule):
         self.counters = TrainingCounters()
         self.guard = DivergenceGuard(nonfinite, max_skips)
         self._last_step_time: float | None = None
+        self._ema_bn_fresh_at: tuple[int, int] | None = None  # (iteration, EMA updates) of the last refresh
 
         # Fixed sample noise, a persistent buffer: identical grids across steps and resumes.
         gen = torch.Generator().manual_seed(sample_seed)
@@ -331,10 +341,11 @@ class SAGAN(pl.LightningModule):
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """Average G's weights into the EMA generator (and take G's BatchNorm statistics), then run one power
-        iteration of the EMA's own spectral-norm vectors against its averaged weights. The EMA network is thus a
-        complete spectrally normalised network at every step: evaluated in the loop, saved, and loaded by
-        ``sagan evaluate`` / ``generate``, it is the same network, with no refresh at use time."""
+        """Average G's weights into the EMA generator (its BatchNorm statistics are G's until
+        ``refresh_ema_bn_stats`` replaces them before a use), then run one power iteration of the EMA's own
+        spectral-norm vectors against its averaged weights. The EMA network is thus a complete spectrally
+        normalised network: evaluated in the loop, saved, and loaded by ``sagan evaluate`` / ``generate``, it is
+        the same network."""
         ema = self.g_ema.module
         own = {k: v.clone() for k, v in ema.named_buffers() if k.endswith(("._u", "._v"))}
         self.g_ema.update_parameters(self.generator)  # also copies every buffer of G
@@ -388,8 +399,39 @@ class SAGAN(pl.LightningModule):
         return z, y
 
     def ema_generator(self) -> Generator:
-        """The EMA generator in eval mode, exactly as ``sagan evaluate`` and ``sagan generate`` load it."""
+        """The EMA generator in eval mode with its standing BatchNorm statistics, exactly as ``sagan evaluate`` and
+        ``sagan generate`` load it from a checkpoint."""
+        self.refresh_ema_bn_stats()
         return self.g_ema.module.eval()
+
+    @torch.no_grad()
+    def refresh_ema_bn_stats(self) -> None:
+        """Recompute the EMA generator's BatchNorm running statistics for its own weights: the cumulative average
+        (momentum None) of the batch statistics of ``ema_bn_samples`` fresh samples, uniform classes, batches of
+        64, with only the BatchNorm layers in training mode (spectral-norm vectors stay put). Idempotent between
+        two EMA updates; a private random stream, so the training's streams are untouched."""
+        n = self.hparams.get("ema_bn_samples", 0)
+        key = (self.counters.g_steps, int(self.g_ema.n_averaged))
+        g = self.g_ema.module
+        bns = [m for m in g.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if n <= 0 or not bns or self._ema_bn_fresh_at == key:
+            return
+        gen = torch.Generator(device=self.device).manual_seed(int(self.hparams.sample_seed))
+        momenta = [m.momentum for m in bns]
+        g.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for b in [64] * (n // 64) + ([n % 64] if n % 64 > 1 else []):
+            z = torch.randn(b, self.z_dim, generator=gen, device=self.device)
+            y = (torch.randint(0, self.num_classes, (b,), generator=gen, device=self.device)
+                 if self.conditional else None)
+            g(z, y)
+        for m, momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
+        self._ema_bn_fresh_at = key
 
     @torch.no_grad()
     def sample_grid(self, ema: bool = True) -> Tensor:
@@ -437,6 +479,12 @@ class SAGAN(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sagan"] = self.counters.state_dict()  # no random state: see checkpointing.seed_step
+        if self.hparams.get("ema_bn_samples", 0) > 0:  # the EMA generator is saved with its standing statistics
+            self.refresh_ema_bn_stats()
+            state = checkpoint["state_dict"]
+            for name, buf in self.g_ema.named_buffers(prefix="g_ema"):
+                if name in state and name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                    state[name] = buf.detach().clone()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hp = {**self.LEGACY_DEFAULTS, **checkpoint.get("hyper_parameters", {})}

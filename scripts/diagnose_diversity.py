@@ -43,16 +43,16 @@ def _set(cfg: dict, dotted: str) -> None:
 
 
 class Probe:
-    def __init__(self, n_per_class: int = 100, seed: int = 0) -> None:
+    def __init__(self, n_per_class: int = 100, seed: int = 0, resolution: int = 32) -> None:
         self.mlp = DigitsMLP()
         self.mlp.load_state_dict(torch.load(DIGITS_WEIGHTS, weights_only=True))
         self.mlp.eval()
         x8, y = load_digits_arrays("train")
-        self.real_x = digits_to_images(x8, 32)
+        self.real_x = digits_to_images(x8, resolution)
         self.real_y = y
         self.real_f = self.features(self.real_x)
         t8, ty = load_digits_arrays("test")
-        self.test_x, self.test_y = digits_to_images(t8, 32), ty
+        self.test_x, self.test_y = digits_to_images(t8, resolution), ty
         self.real_spread = torch.tensor([self._spread(self.real_f[y == c]) for c in range(10)])
         self.n_per_class, self.seed = n_per_class, seed
 
@@ -152,7 +152,7 @@ def main() -> None:
     n_dis = model.n_dis
     trainer = pl.Trainer(accelerator="cpu", max_steps=a.iters * (n_dis + 1), logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Diagnose(Probe(), a.every, a.out, a.modes.split(','))], default_root_dir="/tmp/diag")
+                         callbacks=[Diagnose(Probe(resolution=dm.resolution), a.every, a.out, a.modes.split(','))], default_root_dir="/tmp/diag")
     trainer.fit(model, dm)
 
 

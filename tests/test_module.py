@@ -104,6 +104,71 @@ def test_ema_follows_warmup_formula():
     torch.testing.assert_close(model.g_ema.module.linear.parametrizations.weight.original, expected)
 
 
+def _bn_input_stats(g: torch.nn.Module, n: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and variance of what each BatchNorm layer of ``g`` (in eval mode) receives over n samples."""
+    bns = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    seen: dict[int, list] = {i: [] for i in range(len(bns))}
+    hooks = [m.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].detach())) for i, m in enumerate(bns)]
+    gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for _ in range(n // 256):
+            g.eval()(torch.randn(256, g.z_dim, generator=gen), torch.randint(0, 4, (256,), generator=gen))
+    for h in hooks:
+        h.remove()
+    return [(torch.cat(v).mean((0, 2, 3)), torch.cat(v).var((0, 2, 3))) for v in seen.values()]
+
+
+def _bn_stats_match(g: torch.nn.Module) -> bool:
+    bns = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    return all(((m.running_mean - mean).abs() < 0.1 * var.sqrt()).all()
+               and ((m.running_var / var).log().abs() < 0.2).all()
+               for m, (mean, var) in zip(bns, _bn_input_stats(g), strict=True))
+
+
+def test_ema_generator_runs_with_standing_statistics_of_its_own_weights(tmp_path):
+    torch.manual_seed(0)
+    model = _model()
+    trainer = _fit(model, max_steps=4, tmp_path=tmp_path)
+    torch.manual_seed(1)
+    other = _model().generator  # EMA weights far from G's, so that G's statistics are clearly wrong for them
+    with torch.no_grad():
+        for a, b in zip(model.g_ema.module.parameters(), other.parameters(), strict=True):
+            a.copy_(b)
+    assert not _bn_stats_match(model.g_ema.module)  # G's running statistics, copied at each EMA update
+    g = model.ema_generator()
+    assert not g.training and _bn_stats_match(g)
+    # the checkpoint holds the standing statistics, so `sagan evaluate` / `generate` load the same network
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    state = torch.load(tmp_path / "m.ckpt", weights_only=True)["state_dict"]
+    for k, v in g.named_buffers():
+        assert torch.equal(state[f"g_ema.module.{k}"], v), k
+    off = _model(ema_bn_samples=0)
+    before = {k: v.clone() for k, v in off.g_ema.module.named_buffers()}
+    off.ema_generator()
+    assert all(torch.equal(v, before[k]) for k, v in off.g_ema.module.named_buffers())
+
+
+def test_standing_statistics_leave_training_unchanged_bit_for_bit(tmp_path):
+    from sagan.callbacks import SampleGrid
+
+    states = {}
+    for n in (0, 1024):
+        torch.manual_seed(0)
+        model = _model(ema_bn_samples=n)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[SampleGrid(str(tmp_path / f"grid{n}"), every_n_steps=1)])
+        trainer.fit(model, _loader())  # a grid, and so a refresh, after every iteration
+        states[n] = model.state_dict()
+    refreshed = 0
+    for k, v in states[0].items():
+        if k.startswith("g_ema.module.") and k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            refreshed += not torch.equal(v, states[1024][k])
+        else:
+            assert torch.equal(v, states[1024][k]), k
+    assert refreshed > 0
+
+
 def test_fixed_sample_noise_rows_are_classes_and_persist():
     model = _model(num_classes=4, sample_per_class=3)
     assert model.sample_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
