@@ -16,6 +16,7 @@ divergence policy in :mod:`sagan.checkpointing`, the DDP / compile plumbing in :
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -95,7 +96,8 @@ class SAGAN(pl.LightningModule):
             SAGAN): a linear head on D's pooled features learns the classes of the real images (cross-entropy,
             weight ``class_weight`` in D's loss; real images only, so it never learns G's mistakes), and G pays
             the same cross-entropy for its samples. A class signal besides the projection, for conditional models
-            whose samples drift out of their class (e.g. under ``mode_seeking``).
+            whose samples drift out of their class (e.g. under ``mode_seeking``). Like ``conditional``, it applies
+            when the data has classes: on unlabelled data it is off, with a warning.
         cond_ramp: transitional conditioning (Shahbazi et al., "Collapse by Conditioning", ICLR 2022): iterations
             (start, end) over which the class signal (G's conditional-BN gains and biases, D's projection term)
             grows linearly from 0 to full; before ``start`` the model trains unconditionally. None = conditional
@@ -173,9 +175,12 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.ema_bn_samples must be >= 0 (0 = G's BatchNorm statistics), got {ema_bn_samples}")
         if class_weight < 0:
             raise ConfigError(f"model.class_weight must be >= 0, got {class_weight}")
-        if class_weight > 0 and not (conditional and num_classes > 0):
-            raise ConfigError("model.class_weight > 0 needs a class-conditional model on labelled data "
-                              "(model.conditional true and a data set with classes); set model.class_weight 0")
+        if class_weight > 0 and not conditional:
+            raise ConfigError("model.class_weight > 0 needs a class-conditional model (model.conditional true); "
+                              "set model.class_weight 0")
+        if class_weight > 0 and num_classes == 0:  # like `conditional`: the classifier needs data with classes
+            warnings.warn("model.class_weight is ignored: the data has no classes (images directly in the folder), "
+                          "so the model trains unconditionally without the auxiliary classifier", stacklevel=2)
         if lecam_weight < 0 or not 0.0 <= lecam_decay < 1.0:
             raise ConfigError(f"model.lecam_weight must be >= 0 and model.lecam_decay in [0, 1), got "
                               f"{lecam_weight} and {lecam_decay}")
@@ -184,8 +189,9 @@ class SAGAN(pl.LightningModule):
         n_cls = num_classes if conditional else 0
         self.num_classes, self.z_dim, self.n_dis = n_cls, z_dim, n_dis
         self.generator = Generator(resolution, z_dim, g_ch, g_ch_mult, g_attn, n_cls, img_channels, cbn_sn)
+        self.class_weight = class_weight if n_cls > 0 else 0.0
         self.discriminator = Discriminator(resolution, d_ch, d_ch_mult, d_attn, n_cls, img_channels,
-                                           aux_classifier=class_weight > 0)
+                                           aux_classifier=self.class_weight > 0)
         self.g_ema = AveragedModel(self.generator, multi_avg_fn=_WarmupEMA(ema_decay, ema_warmup), use_buffers=False)
         self.g_ema.requires_grad_(False)
         self.nets = TrainingNetworks(self.generator, self.discriminator, compile)  # DDP wrappers / compiled graphs
@@ -249,9 +255,9 @@ class SAGAN(pl.LightningModule):
         d_real, d_fake = out.logits[:b], out.logits[b:]
         loss_d = self.d_loss_fn(d_real, d_fake)
         logs = {}
-        if self.hparams.class_weight > 0:  # the auxiliary classifier learns the real images' classes only
+        if self.class_weight > 0:  # the auxiliary classifier learns the real images' classes only
             logs["class_d"] = F.cross_entropy(out.class_logits[:b], y)
-            loss_d = loss_d + self.hparams.class_weight * logs["class_d"]
+            loss_d = loss_d + self.class_weight * logs["class_d"]
         if self.hparams.lecam_weight > 0:
             logs["lecam"] = lecam_reg(d_real, d_fake, *self._lecam_update(d_real, d_fake))
             loss_d = loss_d + self.hparams.lecam_weight * logs["lecam"]
@@ -274,9 +280,9 @@ class SAGAN(pl.LightningModule):
         out = self.nets.d_frozen(self.augment(fake), y_fake, return_features=True)
         loss_g = self.g_loss_fn(out.logits)
         logs = {}
-        if self.hparams.class_weight > 0:
+        if self.class_weight > 0:
             logs["class_g"] = F.cross_entropy(out.class_logits, y_fake)
-            loss_g = loss_g + self.hparams.class_weight * logs["class_g"]
+            loss_g = loss_g + self.class_weight * logs["class_g"]
         if ms > 0:
             logs["mode_seeking"] = (diversity_match_reg(out.features, self.real_pair_distance)
                                     if self.hparams.mode_seeking_form == "match_real" else mode_seeking_reg(fake, z))

@@ -428,10 +428,16 @@ def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_sam
         assert out["class_g"] == 1000.0 and 490.0 < out["loss_g"] < 510.0  # enters G's loss with its weight
 
 
-def test_auxiliary_classifier_needs_classes():
+def test_auxiliary_classifier_needs_classes(tmp_path):
+    """Asked for on an unconditional model: an error. On data without classes (a conditional config such as the
+    demo's pointed at a flat folder), it is off like the conditioning itself, with a warning, and training runs."""
     from sagan.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.class_weight"):
-        _model(num_classes=0, class_weight=1.0)
-    with pytest.raises(ConfigError, match="model.class_weight"):
         _model(conditional=False, class_weight=1.0)
+    with pytest.warns(UserWarning, match="model.class_weight is ignored"):
+        model = _model(num_classes=0, class_weight=1.0)
+    assert model.class_weight == 0.0 and model.num_classes == 0
+    assert not any("classifier" in name for name, _ in model.discriminator.named_parameters())
+    trainer = _fit(model, max_steps=2, tmp_path=tmp_path)  # a D step and a G step, labels ignored
+    assert "train/loss_g" in trainer.callback_metrics and "train/class_d" not in trainer.callback_metrics
