@@ -110,7 +110,9 @@ class SAGANCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 3, "checkpoint.monitor": "step",
                              "checkpoint.mode": "max", "checkpoint.filename": "step={step}",
                              "checkpoint.auto_insert_metric_name": False, "checkpoint.every_n_train_steps": 1000,
-                             "checkpoint.save_on_exception": True})
+                             "checkpoint.save_on_exception": True,
+                             # a run's files keep their names (--overwrite replaces last.ckpt, no last-v1.ckpt)
+                             "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(Preemption, "preemption")
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(FIDEvaluation, "fid")

@@ -121,6 +121,10 @@ def test_unreadable_image_stops_with_one_error_and_keeps_checkpoint(tmp_path, ca
     _one_line_error(capsys, "img_005.png", "remove or replace")
     assert ckpt.read_bytes() == before  # nothing already written is lost
     generator_from_checkpoint(ckpt)
+    write_images(data, 8, size=32)  # the images repaired: a fresh run replaces the old one
+    assert run_cli([*common, "--overwrite", "true", "--trainer.max_steps", "4"]) == 0
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4  # replaced, not versioned
+    assert not list(ckpt.parent.glob("*-v*.ckpt"))
 
 
 def test_resume_from_last_checkpoint_continues_the_run(tmp_path):

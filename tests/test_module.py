@@ -441,3 +441,52 @@ def test_auxiliary_classifier_needs_classes(tmp_path):
     assert not any("classifier" in name for name, _ in model.discriminator.named_parameters())
     trainer = _fit(model, max_steps=2, tmp_path=tmp_path)  # a D step and a G step, labels ignored
     assert "train/loss_g" in trainer.callback_metrics and "train/class_d" not in trainer.callback_metrics
+
+
+class _Recorder(pl.loggers.logger.Logger):
+    """A logger that keeps what Lightning writes: {step: {name: value}}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.setdefault(int(step), {}).update(metrics)
+
+
+def _logged_run(tmp_path, every: int, monkeypatch=None) -> tuple[dict, int, pl.Trainer]:
+    pl.seed_everything(0)
+    model = _model(mode_seeking=0.5)
+    calls = []
+    log_dict = model.log_dict
+    model.log_dict = lambda *a, **k: (calls.append(1), log_dict(*a, **k))[1]
+    rec = _Recorder()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=14, logger=rec, log_every_n_steps=every,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, _loader(n=64))
+    rows = {s: {k: v for k, v in r.items() if k != "train/images_per_s"} for s, r in rec.rows.items()}
+    return rows, len(calls), trainer
+
+
+def test_logging_only_on_logged_batches_writes_the_same_values(tmp_path, monkeypatch):
+    """The step logs its values only on the batches whose values reach the loggers (and the first and last):
+    what the loggers receive is the same as when every batch logs, and most batches make no log calls."""
+    rows, calls, trainer = _logged_run(tmp_path, every=3)
+    monkeypatch.setattr(SAGAN, "_logs_this_batch", lambda self: True)
+    rows_all, calls_all, _ = _logged_run(tmp_path, every=3)
+    assert rows and rows == rows_all
+    assert sum("train/loss_d" in r for r in rows.values()) == 7 // 3  # 7 batches (14 optimizer steps)
+    assert calls * 7 == calls_all * 4  # batches 1 (the first), 3, 6 and 7 (the last) of 7 log
+    assert "train/loss_g" in trainer.callback_metrics  # the last batch's values, for the progress bar
