@@ -97,7 +97,8 @@ class SAGAN(pl.LightningModule):
             weight ``class_weight`` in D's loss; real images only, so it never learns G's mistakes), and G pays
             the same cross-entropy for its samples. A class signal besides the projection, for conditional models
             whose samples drift out of their class (e.g. under ``mode_seeking``). Like ``conditional``, it applies
-            when the data has classes: on unlabelled data it is off, with a warning.
+            when the model is conditional and the data has classes: otherwise it is off, with a warning (so
+            ``--model.conditional false`` on a conditional recipe is the unconditional ablation of it).
         cond_ramp: transitional conditioning (Shahbazi et al., "Collapse by Conditioning", ICLR 2022): iterations
             (start, end) over which the class signal (G's conditional-BN gains and biases, D's projection term)
             grows linearly from 0 to full; before ``start`` the model trains unconditionally. None = conditional
@@ -175,10 +176,10 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.ema_bn_samples must be >= 0 (0 = G's BatchNorm statistics), got {ema_bn_samples}")
         if class_weight < 0:
             raise ConfigError(f"model.class_weight must be >= 0, got {class_weight}")
-        if class_weight > 0 and not conditional:
-            raise ConfigError("model.class_weight > 0 needs a class-conditional model (model.conditional true); "
-                              "set model.class_weight 0")
-        if class_weight > 0 and num_classes == 0:  # like `conditional`: the classifier needs data with classes
+        if class_weight > 0 and not conditional:  # e.g. `--model.conditional false` on a conditional recipe
+            warnings.warn("model.class_weight is ignored: the model is unconditional (model.conditional false), "
+                          "so it trains without the auxiliary classifier", stacklevel=2)
+        elif class_weight > 0 and num_classes == 0:  # like `conditional`: the classifier needs data with classes
             warnings.warn("model.class_weight is ignored: the data has no classes (images directly in the folder), "
                           "so the model trains unconditionally without the auxiliary classifier", stacklevel=2)
         if lecam_weight < 0 or not 0.0 <= lecam_decay < 1.0:

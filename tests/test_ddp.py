@@ -66,6 +66,19 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     assert with_bn > 10 * exact, (with_bn, exact)
 
 
+def _rank_one(parent: int) -> int | None:
+    """The child of ``parent`` that runs this script (rank 1), not a short-lived helper process rank 0 starts."""
+    kids = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    for pid in kids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if SCRIPT.name in cmd:
+            return int(pid)
+    return None
+
+
 @pytest.mark.timeout(300)
 def test_killing_one_rank_ends_the_whole_job(tmp_path):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--devices", "2", "--long",
@@ -74,14 +87,14 @@ def test_killing_one_rank_ends_the_whole_job(tmp_path):
         child = None
         t = time.time()
         while time.time() - t < 120 and child is None:  # rank 1 is launched by rank 0 (Lightning's launcher)
-            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            child = int(kids[0]) if kids else None
+            child = _rank_one(proc.pid)
             time.sleep(0.5)
         assert child is not None, "rank 1 never started"
         time.sleep(15)  # let both ranks get into training
         assert proc.poll() is None
+        assert _rank_one(proc.pid) == child, "rank 1 ended before it was killed"
         t_kill = time.time()
-        subprocess.run(["kill", "-9", str(child)])
+        subprocess.run(["kill", "-9", str(child)], check=True)
         proc.wait(timeout=120)  # the DDP timeout is 30 min: ending sooner means the failure was detected
         elapsed = time.time() - t_kill
     finally:

@@ -429,12 +429,12 @@ def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_sam
 
 
 def test_auxiliary_classifier_needs_classes(tmp_path):
-    """Asked for on an unconditional model: an error. On data without classes (a conditional config such as the
-    demo's pointed at a flat folder), it is off like the conditioning itself, with a warning, and training runs."""
-    from sagan.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="model.class_weight"):
-        _model(conditional=False, class_weight=1.0)
+    """On an unconditional model (``--model.conditional false`` on the demo's recipe) and on data without classes
+    (the recipe pointed at a flat folder), it is off like the conditioning itself, with a warning, and training
+    runs."""
+    with pytest.warns(UserWarning, match="model.class_weight is ignored: the model is unconditional"):
+        model = _model(conditional=False, class_weight=1.0)
+    assert model.class_weight == 0.0 and model.num_classes == 0
     with pytest.warns(UserWarning, match="model.class_weight is ignored"):
         model = _model(num_classes=0, class_weight=1.0)
     assert model.class_weight == 0.0 and model.num_classes == 0
