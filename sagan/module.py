@@ -176,12 +176,11 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.ema_bn_samples must be >= 0 (0 = G's BatchNorm statistics), got {ema_bn_samples}")
         if class_weight < 0:
             raise ConfigError(f"model.class_weight must be >= 0, got {class_weight}")
-        if class_weight > 0 and not conditional:  # e.g. `--model.conditional false` on a conditional recipe
-            warnings.warn("model.class_weight is ignored: the model is unconditional (model.conditional false), "
-                          "so it trains without the auxiliary classifier", stacklevel=2)
-        elif class_weight > 0 and num_classes == 0:  # like `conditional`: the classifier needs data with classes
-            warnings.warn("model.class_weight is ignored: the data has no classes (images directly in the folder), "
-                          "so the model trains unconditionally without the auxiliary classifier", stacklevel=2)
+        if class_weight > 0 and not (conditional and num_classes > 0):  # off, like the conditioning itself
+            why = ("the model is unconditional (model.conditional false)" if not conditional
+                   else "the data has no classes (images directly in the folder)")
+            warnings.warn(f"model.class_weight is ignored: {why}, so the model trains without the auxiliary "
+                          "classifier", stacklevel=2)
         if lecam_weight < 0 or not 0.0 <= lecam_decay < 1.0:
             raise ConfigError(f"model.lecam_weight must be >= 0 and model.lecam_decay in [0, 1), got "
                               f"{lecam_weight} and {lecam_decay}")
@@ -206,7 +205,7 @@ class SAGAN(pl.LightningModule):
         self.counters = TrainingCounters()
         self.guard = DivergenceGuard(nonfinite, max_skips)
         self._last_step_time: float | None = None
-        self._logged_batches = 0  # batches of this process whose values went to self.log
+        self._logged_any = False  # whether this process has called self.log for a batch yet
         self._ema_bn_fresh_at: tuple[int, int] | None = None  # (iteration, EMA updates) of the last refresh
 
         # Fixed sample noise, a persistent buffer: identical grids across steps and resumes.
@@ -383,15 +382,14 @@ class SAGAN(pl.LightningModule):
         """Whether this batch's values go to ``self.log``: on the batches whose values Lightning writes to the
         loggers (every ``trainer.log_every_n_steps`` batches, as its logger connector counts them), on this
         process's first batch and on the last one. Lightning keeps only those values, so the dashboards are
-        the same; the ~15 ``self.log`` calls cost ~20 ms a batch on a CPU (~7% of the demo's step, more of a
-        small model's step on a GPU), so the other batches skip them."""
+        the same; the ~15 ``self.log`` calls cost about 4% of the demo's CPU step (BENCHMARKS.md, W&B section)
+        and a larger share of a small model's step on a GPU, so the other batches skip them."""
         trainer = self.trainer
         n = trainer.log_every_n_steps
-        first = self._logged_batches == 0
         last = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
-        if not (first or last or (n > 0 and self.counters.batches_seen % n == 0)):
+        if self._logged_any and not (last or (n > 0 and self.counters.batches_seen % n == 0)):
             return False
-        self._logged_batches += 1
+        self._logged_any = True
         return True
 
     @property

@@ -435,7 +435,7 @@ def test_auxiliary_classifier_needs_classes(tmp_path):
     with pytest.warns(UserWarning, match="model.class_weight is ignored: the model is unconditional"):
         model = _model(conditional=False, class_weight=1.0)
     assert model.class_weight == 0.0 and model.num_classes == 0
-    with pytest.warns(UserWarning, match="model.class_weight is ignored"):
+    with pytest.warns(UserWarning, match="model.class_weight is ignored: the data has no classes"):
         model = _model(num_classes=0, class_weight=1.0)
     assert model.class_weight == 0.0 and model.num_classes == 0
     assert not any("classifier" in name for name, _ in model.discriminator.named_parameters())
