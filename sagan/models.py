@@ -177,19 +177,23 @@ class Generator(nn.Module):
 
 
 class DOutput(NamedTuple):
-    """What the training steps read from D: logits (B,), the pooled features (B, C) they are read from, and the
-    auxiliary classifier's class logits (B, num_classes) when D has one (else None)."""
+    """What the training steps read from D: logits (B,), the pooled features (B, C) they are read from, the
+    auxiliary classifier's class logits (B, num_classes) when D has one and its twin's (TAC-GAN) when D has that
+    (else None)."""
 
     logits: Tensor
     features: Tensor
     class_logits: Tensor | None
+    twin_logits: Tensor | None = None
 
 
 class Discriminator(nn.Module):
     """SAGAN ResNet discriminator with projection: image (B, C, R, R) [+ y (B,)] -> logits (B,).
 
     ``aux_classifier``: also a spectrally normalised linear classifier on the pooled features (the auxiliary
-    classifier of AC-GAN, Odena et al. 2017), read by :class:`~sagan.module.SAGAN` when ``class_weight > 0``.
+    classifier of AC-GAN, Odena et al. 2017), read by :class:`~sagan.module.SAGAN` when ``class_weight > 0``;
+    ``twin_classifier``: a second one of the same shape, the twin auxiliary classifier of TAC-GAN (Gong et al. 2019),
+    which :class:`~sagan.module.SAGAN` trains on generated images (``class_twin``).
     """
 
     def __init__(
@@ -201,6 +205,7 @@ class Discriminator(nn.Module):
         num_classes: int = 0,
         img_channels: int = 3,
         aux_classifier: bool = False,
+        twin_classifier: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(resolution)
@@ -228,6 +233,7 @@ class Discriminator(nn.Module):
         if num_classes > 0:
             self.embed = sn_embedding(num_classes, chans[-1])
         self.classifier = sn_linear(chans[-1], num_classes) if aux_classifier and num_classes > 0 else None
+        self.twin_classifier = sn_linear(chans[-1], num_classes) if twin_classifier and num_classes > 0 else None
         self.cond_strength = 1.0  # weight of the projection term (transitional conditioning); see conditioning_strength
 
     @property
@@ -238,7 +244,7 @@ class Discriminator(nn.Module):
         self, x: Tensor, y: Tensor | None = None, return_features: bool = False
     ) -> Tensor | DOutput:
         """Logits (B,); with ``return_features`` a :class:`DOutput`: the logits, the pooled features (B, C) they
-        are read from and the auxiliary class logits."""
+        are read from and the auxiliary (and twin) class logits."""
         if self.conditional and y is None:
             raise ValueError("this discriminator is class-conditional: pass class labels y of shape (B,)")
         h = x
@@ -253,7 +259,8 @@ class Discriminator(nn.Module):
             out = out + (proj if self.cond_strength == 1.0 else self.cond_strength * proj)
         if not return_features:
             return out
-        return DOutput(out, h, self.classifier(h) if self.classifier is not None else None)
+        return DOutput(out, h, self.classifier(h) if self.classifier is not None else None,
+                       self.twin_classifier(h) if self.twin_classifier is not None else None)
 
 
 def attention_layers(model: Generator | Discriminator) -> dict[int, SelfAttention2d]:

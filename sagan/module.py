@@ -99,6 +99,11 @@ class SAGAN(pl.LightningModule):
             whose samples drift out of their class (e.g. under ``mode_seeking``). Like ``conditional``, it applies
             when the model is conditional and the data has classes: otherwise it is off, with a warning (so
             ``--model.conditional false`` on a conditional recipe is the unconditional ablation of it).
+        class_twin: TAC-GAN's twin auxiliary classifier (Gong et al., NeurIPS 2019; needs ``class_weight``): a second
+            linear head learns the classes of the *generated* images (cross-entropy, weight ``class_weight`` in D's
+            loss), and G's class term becomes the auxiliary classifier's cross-entropy minus the twin's. AC-GAN's
+            term alone pays G for samples far from the class boundaries, which narrows each class; the difference
+            pays it for matching the real images' class posterior instead.
         cond_ramp: transitional conditioning (Shahbazi et al., "Collapse by Conditioning", ICLR 2022): iterations
             (start, end) over which the class signal (G's conditional-BN gains and biases, D's projection term)
             grows linearly from 0 to full; before ``start`` the model trains unconditionally. None = conditional
@@ -151,6 +156,7 @@ class SAGAN(pl.LightningModule):
         mode_seeking: float = 0.0,
         mode_seeking_form: Literal["msgan", "match_real"] = "msgan",
         class_weight: float = 0.0,
+        class_twin: bool = False,
         cond_ramp: tuple[int, int] | None = None,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
@@ -176,6 +182,9 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.ema_bn_samples must be >= 0 (0 = G's BatchNorm statistics), got {ema_bn_samples}")
         if class_weight < 0:
             raise ConfigError(f"model.class_weight must be >= 0, got {class_weight}")
+        if class_twin and class_weight == 0:
+            raise ConfigError("model.class_twin needs the auxiliary classifier it is the twin of: set "
+                              "model.class_weight > 0 (e.g. 0.5), or model.class_twin false")
         if class_weight > 0 and not (conditional and num_classes > 0):  # off, like the conditioning itself
             why = ("the model is unconditional (model.conditional false)" if not conditional
                    else "the data has no classes (images directly in the folder)")
@@ -191,7 +200,8 @@ class SAGAN(pl.LightningModule):
         self.generator = Generator(resolution, z_dim, g_ch, g_ch_mult, g_attn, n_cls, img_channels, cbn_sn)
         self.class_weight = class_weight if n_cls > 0 else 0.0
         self.discriminator = Discriminator(resolution, d_ch, d_ch_mult, d_attn, n_cls, img_channels,
-                                           aux_classifier=self.class_weight > 0)
+                                           aux_classifier=self.class_weight > 0,
+                                           twin_classifier=self.class_weight > 0 and class_twin)
         self.g_ema = AveragedModel(self.generator, multi_avg_fn=_WarmupEMA(ema_decay, ema_warmup), use_buffers=False)
         self.g_ema.requires_grad_(False)
         self.nets = TrainingNetworks(self.generator, self.discriminator, compile)  # DDP wrappers / compiled graphs
@@ -259,6 +269,9 @@ class SAGAN(pl.LightningModule):
         if self.class_weight > 0:  # the auxiliary classifier learns the real images' classes only
             logs["class_d"] = F.cross_entropy(out.class_logits[:b], y)
             loss_d = loss_d + self.class_weight * logs["class_d"]
+            if out.twin_logits is not None:  # the twin learns G's classes (TAC-GAN)
+                logs["class_twin_d"] = F.cross_entropy(out.twin_logits[b:], y_fake)
+                loss_d = loss_d + self.class_weight * logs["class_twin_d"]
         if self.hparams.lecam_weight > 0:
             logs["lecam"] = lecam_reg(d_real, d_fake, *self._lecam_update(d_real, d_fake))
             loss_d = loss_d + self.hparams.lecam_weight * logs["lecam"]
@@ -284,6 +297,9 @@ class SAGAN(pl.LightningModule):
         if self.class_weight > 0:
             logs["class_g"] = F.cross_entropy(out.class_logits, y_fake)
             loss_g = loss_g + self.class_weight * logs["class_g"]
+            if out.twin_logits is not None:  # ... minus the twin's: match the real class posterior (TAC-GAN)
+                logs["class_twin_g"] = F.cross_entropy(out.twin_logits, y_fake)
+                loss_g = loss_g - self.class_weight * logs["class_twin_g"]
         if ms > 0:
             logs["mode_seeking"] = (diversity_match_reg(out.features, self.real_pair_distance)
                                     if self.hparams.mode_seeking_form == "match_real" else mode_seeking_reg(fake, z))

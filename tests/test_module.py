@@ -4,6 +4,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from sagan.errors import ConfigError
 from sagan.module import SAGAN
 
 
@@ -426,6 +427,54 @@ def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_sam
     for (_, logits, target), out, y in zip(g_calls, g_logs, g_labels):  # G: its samples, the labels it asked for
         assert logits.shape == (4, 4) and logits.requires_grad and torch.equal(target, y)
         assert out["class_g"] == 1000.0 and 490.0 < out["loss_g"] < 510.0  # enters G's loss with its weight
+
+
+def test_twin_classifier_learns_generated_classes_and_g_pays_the_difference(tmp_path, monkeypatch):
+    """TAC-GAN: D's twin head learns the classes of the generated half of D's batch; G's class term is the
+    auxiliary classifier's cross-entropy minus the twin's."""
+    import sagan.module
+
+    torch.manual_seed(0)
+    model = _model(n_dis=1, class_weight=0.5, class_twin=True)
+    assert model.discriminator.twin_classifier is not None
+    assert _model(class_weight=0.5).discriminator.twin_classifier is None
+    outs = []  # (D in training mode?, DOutput, labels) of every D forward
+    d_forward = model.discriminator.forward
+
+    def d_spy(x, y=None, return_features=False):
+        out = d_forward(x, y, return_features)
+        outs.append((model.discriminator.training, out, y.clone()))
+        return out
+
+    model.discriminator.forward = d_spy
+    calls = []  # (which head, in training mode?, target)
+    real_ce = torch.nn.functional.cross_entropy
+
+    def spy(logits, target):
+        training, out, _ = outs[-1]
+        n = logits.shape[0]
+        head = ("twin" if any(torch.equal(logits, t) for t in (out.twin_logits, out.twin_logits[-n:]))
+                else "aux" if any(torch.equal(logits, t) for t in (out.class_logits, out.class_logits[:n])) else "?")
+        calls.append((head, training, target.clone()))
+        return real_ce(logits, target) * 0 + (400.0 if head == "twin" else 1000.0)
+
+    monkeypatch.setattr(sagan.module.F, "cross_entropy", spy)
+    logs = []
+    d_step, g_step = model.d_step, model.g_step
+    model.d_step = lambda x, y: logs.append(("d", d_step(x, y))) or logs[-1][1]
+    model.g_step = lambda batch_size: logs.append(("g", g_step(batch_size))) or logs[-1][1]
+    _fit(model, max_steps=4, tmp_path=tmp_path)  # two D steps and two G steps
+    assert [(h, t) for h, t, _ in calls] == [("aux", True), ("twin", True), ("aux", False), ("twin", False)] * 2
+    d_labels = [y for training, _, y in outs if training]
+    for (_, _, target), y in zip([c for c in calls if c[0] == "twin" and c[1]], d_labels):
+        assert torch.equal(target, y[len(y) // 2 :])  # the twin learns the generated half's labels
+    for kind, out in logs:
+        if kind == "d":  # both heads enter D's loss with the class weight: 0.5 * (1000 + 400) + hinge
+            assert out["class_twin_d"] == 400.0 and 695.0 < out["loss_d"] < 710.0
+        else:  # G: 0.5 * (1000 - 400) + its adversarial loss
+            assert out["class_twin_g"] == 400.0 and 290.0 < out["loss_g"] < 310.0
+    with pytest.raises(ConfigError, match="model.class_twin needs the auxiliary classifier"):
+        _model(class_twin=True)
 
 
 def test_auxiliary_classifier_needs_classes(tmp_path):
