@@ -3,7 +3,8 @@
 * :class:`AtomicCheckpointIO` writes ``path.tmp-<pid>``, fsyncs it and renames it over ``path``, so a process killed
   mid-write (SIGKILL, a node failure) leaves the previous checkpoint intact; a full disk ends in one clear error with
   the previous checkpoint untouched. It loads with ``torch.load(weights_only=True)``: no pickled code runs.
-* :class:`Checkpoint` is Lightning's ``ModelCheckpoint`` that never saves the state of a diverged run.
+* :class:`Checkpoint` is Lightning's ``ModelCheckpoint`` that never saves the state of a diverged run, and moves
+  another run's checkpoints found in its folder (``--overwrite``) to ``previous/`` once it writes its own.
 * :class:`Preemption` turns SIGUSR1 (SLURM's warning signal, outside Lightning's own SLURM auto-requeue) into the same
   graceful stop as SIGTERM: Lightning stops at the next step and ``Checkpoint`` saves ``last.ckpt`` on the way out.
 * Resume state. :func:`seed_step` reseeds every random stream (torch CPU and CUDA, NumPy, Python) before each
@@ -22,7 +23,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_info
 
 from torch import Tensor
 
@@ -90,6 +94,31 @@ class Checkpoint(ModelCheckpoint):
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
             return  # possibly this rank alone: no collective here (see the class docstring)
         super().on_exception(trainer, pl_module, exception)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fresh run (no ``ckpt_path``) in a folder that holds another run's checkpoints (``--overwrite``): note
+        them, to be moved to ``previous/`` when this run writes its first checkpoint. Until then they stay where
+        they are (a run that fails at its start loses nothing); after that, ``step=N.ckpt`` and ``best.ckpt``
+        in the folder are this run's alone. One generation is kept: an older ``previous/`` is replaced."""
+        super().on_fit_start(trainer, pl_module)
+        self._stale: list[Path] = []
+        folder = Path(self.dirpath) if self.dirpath else None
+        if trainer.is_global_zero and trainer.ckpt_path is None and folder is not None and folder.is_dir():
+            started = time.time()
+            self._stale = [f for f in folder.iterdir() if f.is_file() and ".tmp-" not in f.name
+                           and f.stat().st_mtime < started]
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if getattr(self, "_stale", None):
+            previous = Path(self.dirpath) / "previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            previous.mkdir()
+            for f in self._stale:
+                if f.exists():
+                    os.replace(f, previous / f.name)
+            rank_zero_info(f"the previous run's checkpoints in {self.dirpath} were moved to {previous}")
+            self._stale = []
+        super()._save_checkpoint(trainer, filepath)
 
 
 class Preemption(pl.Callback):

@@ -127,6 +127,25 @@ def test_unreadable_image_stops_with_one_error_and_keeps_checkpoint(tmp_path, ca
     assert not list(ckpt.parent.glob("*-v*.ckpt"))
 
 
+def test_overwrite_moves_the_previous_runs_checkpoints_aside(tmp_path):
+    common = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
+              "--experiment", "again", *TINY, "--data.batch_size", "8", "--samples.every_n_steps", "0",
+              "--checkpoint.every_n_train_steps", "2"]
+    assert run_cli([*common, "--trainer.max_steps", "6"]) == 0
+    folder = tmp_path / "again" / "checkpoints"
+    assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt"}
+    assert run_cli([*common, "--trainer.max_steps", "4", "--overwrite", "true"]) == 0
+    # only this run's periodic checkpoints in the folder: a stale step=6.ckpt would pass for the newest
+    assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "last.ckpt"}
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 4
+    previous = folder / "previous"  # the replaced run, whole
+    assert {f.name for f in previous.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt"}
+    assert torch.load(previous / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert run_cli([*common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0  # resuming moves nothing
+    assert torch.load(previous / "last.ckpt", weights_only=True)["global_step"] == 6
+    assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt"}
+
+
 def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
     common = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
               "--experiment", "resume", *TINY, "--data.batch_size", "8", "--samples.every_n_steps", "0"]
