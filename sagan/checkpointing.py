@@ -96,28 +96,28 @@ class Checkpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A fresh run (no ``ckpt_path``) in a folder that holds another run's checkpoints (``--overwrite``): note
-        them, to be moved to ``previous/`` when this run writes its first checkpoint. Until then they stay where
-        they are (a run that fails at its start loses nothing); after that, ``step=N.ckpt`` and ``best.ckpt``
-        in the folder are this run's alone. One generation is kept: an older ``previous/`` is replaced."""
+        """A fresh run (no ``ckpt_path``) in a folder that may hold another run's checkpoints (``--overwrite``):
+        the files older than this run's start move to ``previous/`` when it writes its first checkpoint. Until then
+        they stay where they are (a run that fails at its start loses nothing); after that, ``step=N.ckpt`` and
+        ``best.ckpt`` in the folder are this run's alone. One generation is kept: an older ``previous/`` is replaced."""
         super().on_fit_start(trainer, pl_module)
-        self._stale: list[Path] = []
-        folder = Path(self.dirpath) if self.dirpath else None
-        if trainer.is_global_zero and trainer.ckpt_path is None and folder is not None and folder.is_dir():
-            started = time.time()
-            self._stale = [f for f in folder.iterdir() if f.is_file() and ".tmp-" not in f.name
-                           and f.stat().st_mtime < started]
+        fresh = trainer.is_global_zero and trainer.ckpt_path is None and self.dirpath is not None
+        self._fresh_since: float | None = time.time() if fresh else None
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        if getattr(self, "_stale", None):
-            previous = Path(self.dirpath) / "previous"
-            shutil.rmtree(previous, ignore_errors=True)
-            previous.mkdir()
-            for f in self._stale:
-                if f.exists():
+        if getattr(self, "_fresh_since", None) is not None:
+            folder = Path(self.dirpath)
+            # by mtime at the move, not by name: this run may already have written best.ckpt (in-loop FID)
+            stale = [f for f in folder.iterdir() if f.is_file() and ".tmp-" not in f.name
+                     and f.stat().st_mtime < self._fresh_since] if folder.is_dir() else []
+            if stale:
+                previous = folder / "previous"
+                shutil.rmtree(previous, ignore_errors=True)
+                previous.mkdir()
+                for f in stale:
                     os.replace(f, previous / f.name)
-            rank_zero_info(f"the previous run's checkpoints in {self.dirpath} were moved to {previous}")
-            self._stale = []
+                rank_zero_info(f"the previous run's checkpoints in {folder} were moved to {previous}")
+            self._fresh_since = None
         super()._save_checkpoint(trainer, filepath)
 
 

@@ -134,16 +134,23 @@ def test_overwrite_moves_the_previous_runs_checkpoints_aside(tmp_path):
     assert run_cli([*common, "--trainer.max_steps", "6"]) == 0
     folder = tmp_path / "again" / "checkpoints"
     assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt"}
-    assert run_cli([*common, "--trainer.max_steps", "4", "--overwrite", "true"]) == 0
+    (folder / "best.ckpt").write_bytes(b"the old run's best")
+    # the new run's in-loop FID writes its best.ckpt at iteration 1, before its first periodic checkpoint
+    assert run_cli([*common, "--trainer.max_steps", "4", "--overwrite", "true", "--fid.every_n_steps", "1",
+                    "--fid.num_samples", "100", "--fid.metrics", "[fid]"]) == 0
+    assert (folder / "best.ckpt").read_bytes() != b"the old run's best"  # replaced by this run's ...
+    generator_from_checkpoint(folder / "best.ckpt")
+    assert not (folder / "previous" / "best.ckpt").exists()  # ... which was not moved away as the old run's
     # only this run's periodic checkpoints in the folder: a stale step=6.ckpt would pass for the newest
-    assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "last.ckpt"}
+    assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "last.ckpt", "best.ckpt"}
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 4
     previous = folder / "previous"  # the replaced run, whole
     assert {f.name for f in previous.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt"}
     assert torch.load(previous / "last.ckpt", weights_only=True)["global_step"] == 6
     assert run_cli([*common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0  # resuming moves nothing
     assert torch.load(previous / "last.ckpt", weights_only=True)["global_step"] == 6
-    assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt"}
+    assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt",
+                                                         "best.ckpt"}
 
 
 def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
