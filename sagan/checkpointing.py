@@ -209,7 +209,8 @@ class DivergenceGuard:
         """Whether the optimizer step may run (for fp16: be handed to the GradScaler). Decided the same on every
         rank: one rank's NaN stops them all (every rank calls this at the same point of every step)."""
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        bad = not bool(torch.isfinite(loss) and (scaled or torch.isfinite(grad_norm)))
+        finite = torch.isfinite(loss) if scaled else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        bad = not bool(finite)  # the one host read per optimizer step (on a GPU: waits for the step's kernels)
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:

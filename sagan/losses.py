@@ -82,7 +82,8 @@ def same_class_distance(x: Tensor, y: Tensor | None, max_items: int = 64) -> Ten
     dist = torch.cdist(x, x, p=1) / x.shape[1]  # (n, n)
     same = torch.ones_like(dist, dtype=torch.bool) if y is None else y[:, None] == y[None, :]
     same = same.triu(diagonal=1)
-    return dist[same].mean() if same.any() else dist.new_tensor(float("nan"))
+    same = same.to(dist.dtype)
+    return (dist * same).sum() / same.sum()  # 0 / 0 = NaN without a pair; no host read on a GPU
 
 
 def diversity_match_reg(fake: Tensor, target: Tensor) -> Tensor:
@@ -93,7 +94,9 @@ def diversity_match_reg(fake: Tensor, target: Tensor) -> Tensor:
     class are closer together than real images of the class; a generator as varied as the data feels nothing, so
     the term cannot push samples past the data's variety (or out of their class) the way the unbounded inverse of
     :func:`mode_seeking_reg` can. No target yet (0): no loss."""
-    return torch.relu(1.0 - _pair_distance(fake).mean() / target) if target > 0 else fake.new_zeros(())
+    # torch.where, not `if target > 0`: a host read would wait for the GPU; the clamp keeps the unused branch finite
+    loss = torch.relu(1.0 - _pair_distance(fake).mean() / target.clamp_min(1e-12))
+    return torch.where(target > 0, loss, torch.zeros_like(loss))
 
 
 def get_losses(name: str) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[[Tensor], Tensor]]:

@@ -50,17 +50,46 @@ class _WarmupEMA:
     """multi_avg_fn for ``AveragedModel``: EMA with decay ``min(decay, (1 + n) / (10 + n))`` (n = updates so far).
 
     The warm-up keeps the EMA close to G early in training, when a fixed 0.999 would average in the random init.
+    ``n`` is set by :class:`EMAGenerator` from its host-side count before each update.
     """
 
     def __init__(self, decay: float, warmup: bool) -> None:
-        self.decay, self.warmup = decay, warmup
+        self.decay, self.warmup, self.n = decay, warmup, 0
 
     def __call__(self, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
-        decay = self.decay
-        if self.warmup:
-            n = float(num_averaged)
-            decay = min(decay, (1.0 + n) / (10.0 + n))
+        decay = min(self.decay, (1.0 + self.n) / (10.0 + self.n)) if self.warmup else self.decay
         get_ema_multi_avg_fn(decay)(ema_params, params, num_averaged)
+
+
+class EMAGenerator(AveragedModel):
+    """The EMA copy of G: ``swa_utils.AveragedModel`` with the warm-up decay of :class:`_WarmupEMA`, whose update
+    count ``n_averaged`` stays in host memory when the module moves to a GPU. AveragedModel reads the count at every
+    update (``n_averaged == 0``, ``> 0``) and the warm-up needs it as a number; on a GPU each read would make the
+    host wait for every kernel queued so far."""
+
+    def __init__(self, generator: torch.nn.Module, decay: float, warmup: bool) -> None:
+        super().__init__(generator, multi_avg_fn=_WarmupEMA(decay, warmup), use_buffers=False)
+
+    @torch.no_grad()
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        """AveragedModel's update (first call copies, then ``multi_avg_fn``; buffers copied as with
+        ``use_buffers=False``) with the count read on the host; AveragedModel itself would copy the count to the
+        device, another wait for the GPU, to hand it to ``multi_avg_fn``, which does not need it."""
+        ema, current = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        self.multi_avg_fn.n = n = int(self.n_averaged)
+        if n == 0:
+            torch._foreach_copy_(ema, current)
+        else:
+            self.multi_avg_fn(ema, current, self.n_averaged)
+        for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+        self.n_averaged += 1
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EMAGenerator:
+        count = self.n_averaged
+        super()._apply(fn, recurse)
+        self._buffers["n_averaged"] = count  # .to(device) / .cuda() / .half() leave the host count where it is
+        return self
 
 
 class SAGAN(pl.LightningModule):
@@ -127,7 +156,8 @@ class SAGAN(pl.LightningModule):
             ``precision`` (``bf16-mixed``, or ``16-mixed`` with a GradScaler), not on by default because it changes
             the numerics of a recipe.
         compile: ``torch.compile`` the networks as used in the training steps (meant for long GPU runs; on the CPU
-            it does not pay, see BENCHMARKS.md).
+            it does not pay, see BENCHMARKS.md); a string is torch.compile's ``mode`` ('reduce-overhead' adds CUDA
+            graphs).
     """
 
     def __init__(
@@ -167,7 +197,7 @@ class SAGAN(pl.LightningModule):
         nonfinite: Literal["stop", "skip"] = "stop",
         max_skips: int = 10,
         channels_last: bool = True,
-        compile: bool = False,
+        compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False,
     ) -> None:
         super().__init__()
         if n_dis < 1:
@@ -202,7 +232,7 @@ class SAGAN(pl.LightningModule):
         self.discriminator = Discriminator(resolution, d_ch, d_ch_mult, d_attn, n_cls, img_channels,
                                            aux_classifier=self.class_weight > 0,
                                            twin_classifier=self.class_weight > 0 and class_twin)
-        self.g_ema = AveragedModel(self.generator, multi_avg_fn=_WarmupEMA(ema_decay, ema_warmup), use_buffers=False)
+        self.g_ema = EMAGenerator(self.generator, ema_decay, ema_warmup)
         self.g_ema.requires_grad_(False)
         self.nets = TrainingNetworks(self.generator, self.discriminator, compile)  # DDP wrappers / compiled graphs
         self.d_loss_fn, self.g_loss_fn = get_losses(loss)
@@ -343,8 +373,8 @@ class SAGAN(pl.LightningModule):
         means = torch.stack([d_real.mean(), d_fake.mean()]).float()
         if self.trainer.world_size > 1:
             means = self.trainer.strategy.reduce(means, reduce_op="mean")
-        decay = self.hparams.lecam_decay if int(self.lecam_updates) > 0 else 0.0
-        self.lecam_ema.mul_(decay).add_(means, alpha=1.0 - decay)
+        decay = (self.lecam_updates > 0).float() * self.hparams.lecam_decay  # on the device: no host read
+        self.lecam_ema.mul_(decay).add_(means * (1.0 - decay))
         self.lecam_updates += 1
         return self.lecam_ema[0].clone(), self.lecam_ema[1].clone()
 
@@ -356,11 +386,10 @@ class SAGAN(pl.LightningModule):
         if self.trainer.world_size > 1:
             both = torch.stack([torch.nan_to_num(dist), (~dist.isnan()).float()])
             both = self.trainer.strategy.reduce(both, reduce_op="sum")
-            dist = both[0] / both[1] if both[1] > 0 else dist.new_tensor(float("nan"))
-        if dist.isnan():
-            return
-        old = self.real_pair_distance
-        self.real_pair_distance.copy_(dist if old == 0 else 0.99 * old + 0.01 * dist)
+            dist = both[0] / both[1]  # 0/0 = NaN where no rank had a pair
+        old = self.real_pair_distance  # the update stays on the device (torch.where, no host read)
+        new = torch.where(old == 0, dist, 0.99 * old + 0.01 * dist)
+        self.real_pair_distance.copy_(torch.where(dist.isnan(), old, new))
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -30,7 +30,7 @@ class TrainingNetworks:
     compiled graphs never enter the state dict.
     """
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, compile: bool = False) -> None:
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, compile: bool | str = False) -> None:
         self.generator, self.discriminator, self.compile = generator, discriminator, compile
         self._ddp: dict[str, nn.Module] = {}
         self._compiled: dict[str, tuple[nn.Module, nn.Module]] = {}
@@ -58,7 +58,8 @@ class TrainingNetworks:
         if not self.compile:
             return module
         if key not in self._compiled or self._compiled[key][0] is not module:
-            self._compiled[key] = (module, torch.compile(module))
+            mode = self.compile if isinstance(self.compile, str) else None  # e.g. 'reduce-overhead' (CUDA graphs)
+            self._compiled[key] = (module, torch.compile(module, mode=mode))
         return self._compiled[key][1]
 
 

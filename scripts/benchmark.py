@@ -2,7 +2,8 @@
 
     python scripts/benchmark.py attention [--repeats 5]
     python scripts/benchmark.py train [--resolutions 32 64 128] [--modes eager channels_last bf16 compile]
-        [--batch-size 16]   on a GPU: --modes eager tf32 bf16 fp16 compile --batch-size 64
+        [--batch-size 16 ...] [--profile DIR]
+        on a GPU: --modes eager tf32 bf16 bf16_compile bf16_cudagraphs --batch-size 64 128 256 --profile prof/
     python scripts/benchmark.py ddp [--iters 30]
     python scripts/benchmark.py generate [--batch-size 64] [--repeats 5]
     python scripts/benchmark.py logging [--steps 150] [--interval 25]
@@ -16,10 +17,14 @@ Sections:
             peak memory (CPU: resident-set high-water mark above the level before the run, each case in a fresh
             process; CUDA: max_memory_allocated above the baseline).
   train     one training iteration (n_dis=1: a D step and a G step, through Lightning) in images/s at 32, 64, 128
-            with the shipped configs' widths, batch 16 (--batch-size), on the GPU when there is one, for eager
-            (float32 NCHW, no TF32) and, all channels_last: channels_last (float32), tf32, bf16 and fp16 autocast,
-            torch.compile; plus the FLOPs of one iteration (torch.utils.flop_counter) over its time, next to the
-            rate of a large torch.mm on the same device in float32 and bfloat16.
+            with the shipped configs' widths, batch 16 (--batch-size, several: each), on the GPU when there is one,
+            for eager (float32 NCHW, no TF32) and, all channels_last: channels_last (float32); tf32, bf16 and fp16
+            autocast, bf16_compile (torch.compile) and bf16_cudagraphs (compile mode 'reduce-overhead'), these
+            with TF32 and cuDNN autotuning as configs/trainer/gpu.yaml sets them; compile (float32 compiled);
+            plus peak GPU memory, the FLOPs of one iteration (torch.utils.flop_counter) over its time, next to
+            the rate of a large torch.mm on the same device in float32 and bfloat16. --profile DIR: a
+            torch.profiler summary per case (GPU kernel time by kind against the wall time, kernel launches per
+            iteration, torch's table) of 5 more iterations.
   ddp       training throughput of the digits config, 1 process vs 2 processes (Lightning DDP, GANDDPStrategy) on
             the current machine, at the same global batch; on a CPU the processes share the cores.
   generate  images/s of ``sagan generate``'s path (``generate_images``: per-seed latents, eval generator, one image
@@ -283,7 +288,10 @@ TRAIN_WIDTHS = {32: ("configs/cifar10.yaml", dict(g_ch=64, d_ch=64, g_ch_mult=[4
                                                                    num_classes=0))}
 
 
-def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16) -> dict:
+def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16, profile: str | None = None) -> dict:
+    """One training configuration in this process: median iteration time after ``warmup`` iterations, the FLOPs of
+    one iteration (eager and bf16), and with ``profile`` a torch.profiler table of ``iters`` iterations written to
+    that path (GPU kernel time by kind next to the wall time, so the gap to the matmul rate can be read off)."""
     import statistics
 
     import pytorch_lightning as pl
@@ -293,32 +301,55 @@ def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16) -
 
     pl.seed_everything(0, verbose=False)
     _, widths = TRAIN_WIDTHS[res]
-    if mode == "tf32":
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        torch.backends.cudnn.allow_tf32 = False  # eager = true float32 (cuDNN's default would use TF32)
+    cuda = torch.cuda.is_available()
+    # eager = true float32, NCHW, cuDNN's default algorithm choice; every other mode is channels_last and, on a
+    # GPU, what configs/trainer/gpu.yaml switches on besides precision: TF32 for float32 work, cuDNN autotuning
+    fast = mode != "eager" and mode != "channels_last"
+    torch.set_float32_matmul_precision("high" if fast else "highest")
+    torch.backends.cudnn.allow_tf32 = fast
+    torch.backends.cudnn.benchmark = fast and cuda
+    compile_ = {"compile": True, "bf16_compile": True, "bf16_cudagraphs": "reduce-overhead"}.get(mode, False)
     model = SAGAN(resolution=res, img_channels=3, z_dim=128, n_dis=1, channels_last=mode != "eager",
-                  compile=mode == "compile", **widths)
-    n = batch * (iters + warmup + 1)
+                  compile=compile_, **widths)
+    prof_iters = min(iters, 5)
+    steps = iters + warmup + (prof_iters if profile else 0)
+    n = batch * (steps + 1)
     data = TensorDataset(torch.rand(n, 3, res, res) * 2 - 1, torch.randint(0, max(1, widths["num_classes"]), (n,)))
+    times: list[float] = []
+    prof_box: dict = {}
 
     class Timer(pl.Callback):
-        t: list[float] = []
+        def on_train_batch_start(self, trainer, module, batch_, batch_idx: int) -> None:
+            if profile and batch_idx == iters + warmup:
+                from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        def on_train_batch_end(self, *a, **k) -> None:
-            if torch.cuda.is_available():
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                prof_box["p"] = torch_profile(activities=acts)
+                prof_box["p"].__enter__()
+                prof_box["t0"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch_, batch_idx: int) -> None:
+            if cuda:
                 torch.cuda.synchronize()
-            Timer.t.append(time.perf_counter())
+            times.append(time.perf_counter())
+            if "p" in prof_box and batch_idx == steps - 1:  # stop before fit's teardown (which copies G and D
+                prof_box["p"].__exit__(None, None, None)    # back to the CPU)
+                prof_box["wall"] = times[-1] - prof_box["t0"]
 
-    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(mode, "32-true")
-    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=2 * (iters + warmup), precision=precision,
+    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed", "bf16_compile": "bf16-mixed",
+                 "bf16_cudagraphs": "bf16-mixed"}.get(mode, "32-true")
+    trainer = pl.Trainer(accelerator="auto", devices=1, max_steps=2 * steps, precision=precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[Timer()])
     t0 = time.perf_counter()
     trainer.fit(model, DataLoader(data, batch_size=batch, drop_last=True))
-    dts = [b - a for a, b in zip(Timer.t[warmup - 1:], Timer.t[warmup:])]
-    flops = None
+    dts = [b - a for a, b in zip(times[warmup - 1:iters + warmup - 1], times[warmup:iters + warmup])]
+    out = {"images_s": batch / statistics.median(dts), "iter_s": statistics.median(dts),
+           "total_s": time.perf_counter() - t0, "flops": None, "peak_gib": None}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if "wall" in prof_box:
+        Path(profile).write_text(_profile_summary(prof_box["p"], prof_box["wall"], prof_iters, mode, res, batch))
     if mode in ("eager", "bf16"):
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -333,58 +364,117 @@ def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16) -
             model.d_loss_fn(logits[:batch], logits[batch:]).backward()
             z, yf = model.sample_latents(batch)
             model.g_loss_fn(model.discriminator(model.generator(z, yf), yf)).backward()
-        flops = fc.get_total_flops()
-    return {"images_s": batch / statistics.median(dts), "iter_s": statistics.median(dts),
-            "total_s": time.perf_counter() - t0, "flops": flops}
+        out["flops"] = fc.get_total_flops()
+    return out
 
 
-def _mm_rate(device: torch.device, n: int = 4096, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("conv", "implicit", "dgrad", "wgrad", "fprop", "cudnn", "winograd")):
+        return "convolution (cuDNN)"  # cuDNN's Hopper kernels: sm90_xmma_{fprop,dgrad,wgrad}_implicit_gemm_*
+    if any(k in n for k in ("gemm", "cutlass", "matmul", "nvjet", "cublas")):
+        return "matrix multiply (cuBLAS)"
+    if any(k in n for k in ("flash", "fmha", "attention", "efficient")):
+        return "attention (SDPA)"
+    if any(k in n for k in ("batch_norm", "batchnorm", "bn_", "welford")):
+        return "batch norm"
+    if any(k in n for k in ("reduce", "norm_kernel", "sum_", "mean")):
+        return "reductions (spectral norm, losses, grad norm)"
+    if any(k in n for k in ("multi_tensor", "foreach", "adam")):
+        return "optimizer (foreach Adam, EMA)"
+    if "copy" in n or "memcpy" in n or "memset" in n or "cat" in n:
+        return "copies / layout"
+    return "elementwise and other"
+
+
+def _profile_summary(prof, wall: float, iters: int, mode: str, res: int, batch: int) -> str:
+    """GPU kernel time by kind over the profiled iterations, against their wall time; then torch's own table."""
+    events = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+              and str(e.device_type).endswith("CUDA") and e.device_time > 0]
+    by_kind: dict[str, float] = {}
+    for e in events:
+        by_kind[_kernel_kind(e.name)] = by_kind.get(_kernel_kind(e.name), 0.0) + e.device_time / 1e6
+    gpu = sum(by_kind.values())
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    if gpu == 0:  # a CPU run: torch's table alone
+        return (f"profile: {res}x{res}, mode {mode}, batch {batch}, {iters} iterations, wall "
+                f"{wall * 1e3 / iters:.2f} ms / iteration (no GPU kernels)\n\n"
+                + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    lines = [f"profile: {res}x{res}, mode {mode}, batch {batch}, {iters} iterations, wall {wall * 1e3 / iters:.2f} ms"
+             f" / iteration, GPU kernels {gpu * 1e3 / iters:.2f} ms / iteration "
+             f"(GPU busy {100 * gpu / wall:.0f}% of the wall time)", "",
+             "| kernel kind | ms / iteration | share of kernel time |", "| --- | ---: | ---: |"]
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {kind} | {t * 1e3 / iters:.2f} | {100 * t / gpu:.0f}% |")
+    lines += ["", f"kernel launches / iteration: {len(events) / iters:.0f}", ""]
+    lines.append(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+    return "\n".join(lines)
+
+
+def _mm_rate(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 10) -> float:
+    """FLOP/s of a large square torch.mm on random data (8192 on a GPU, 4096 on the CPU), median after warm-up."""
     import statistics
 
+    n = 8192 if device.type == "cuda" else 4096
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     ts = []
-    for _ in range(repeats + 1):
+    for i in range(repeats + 3):
         t = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
         ts.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(ts[1:])
+    return 2 * n**3 / statistics.median(ts[3:])
 
 
-def bench_train(resolutions: list[int], modes: list[str], iters: int, warmup: int, batch: int = 16) -> list[str]:
+def bench_train(resolutions: list[int], modes: list[str], iters: int, warmup: int, batches: list[int],
+                profile_dir: str | None = None) -> list[str]:
     import json
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
     mm = {"fp32": _mm_rate(device), "bf16": _mm_rate(device, dtype=torch.bfloat16)}
-    rows = ["| resolution (widths) | mode | images/s | s / iteration | vs eager |", "| --- | --- | ---: | ---: | ---: |"]
+    rows = ["| resolution (widths) | mode | batch | images/s | s / iteration | peak GiB | vs eager |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     flop_rows = []
     for res in resolutions:
-        base, flops = None, None
-        for mode in modes:
-            cmd = [sys.executable, __file__, "_train_case", "--res", str(res), "--mode", mode, "--iters", str(iters),
-                   "--warmup", str(warmup), "--batch-size", str(batch)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                msg = (r.stderr.strip().splitlines() or ["?"])[-1][:120]
-                rows.append(f"| {res} ({TRAIN_WIDTHS[res][0]}) | {mode} | failed: {msg} | | |")
+        base: dict[int, float] = {}
+        flops_per_image = None
+        for batch in batches:
+            for mode in modes:
+                cmd = [sys.executable, __file__, "_train_case", "--res", str(res), "--mode", mode, "--iters",
+                       str(iters), "--warmup", str(warmup), "--batch-size", str(batch)]
+                if profile_dir:
+                    cmd += ["--profile", str(Path(profile_dir) / f"profile_{res}_{mode}_{batch}.txt")]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    err = [x for x in r.stderr.strip().splitlines() if "Error" in x] or r.stderr.strip().splitlines()
+                    rows.append(f"| {res} ({TRAIN_WIDTHS[res][0]}) | {mode} | {batch} | failed: "
+                                f"{(err or ['?'])[-1][:100]} | | | |")
+                    print(rows[-1], flush=True)
+                    continue
+                d = json.loads(r.stdout.strip().splitlines()[-1])
+                if mode == "eager":
+                    base[batch] = d["images_s"]
+                if d["flops"]:
+                    flops_per_image = d["flops"] / batch
+                if flops_per_image:
+                    ref = "bf16" if mode.startswith(("bf16", "fp16")) else "fp32"
+                    f = flops_per_image * batch
+                    flop_rows.append(f"| {res} | {mode} | {batch} | {f / 1e9:.1f} | {d['iter_s']:.4f} | "
+                                     f"{f / d['iter_s'] / 1e12:.2f} | {ref} {mm[ref] / 1e12:.1f} | "
+                                     f"{100 * f / d['iter_s'] / mm[ref]:.1f}% |")
+                rel = f"{d['images_s'] / base[batch]:.2f}x" if batch in base else "-"
+                peak = f"{d['peak_gib']:.1f}" if d.get("peak_gib") is not None else "-"
+                rows.append(f"| {res} ({TRAIN_WIDTHS[res][0]}) | {mode} | {batch} | {d['images_s']:,.1f} | "
+                            f"{d['iter_s']:.4f} | {peak} | {rel} |")
                 print(rows[-1], flush=True)
-                continue
-            d = json.loads(r.stdout.strip().splitlines()[-1])
-            base = base or (d["images_s"] if mode == "eager" else None)
-            flops = flops or d["flops"]
-            if flops:
-                ref = "bf16" if mode in ("bf16", "fp16") else "fp32"
-                flop_rows.append(f"| {res} | {mode} | {flops / 1e9:.1f} | {d['iter_s']:.3f} | "
-                                 f"{flops / d['iter_s'] / 1e12:.2f} | {ref} {mm[ref] / 1e12:.2f} | "
-                                 f"{100 * flops / d['iter_s'] / mm[ref]:.0f}% |")
-            rel = f"{d['images_s'] / base:.2f}x" if base else "-"
-            rows.append(f"| {res} ({TRAIN_WIDTHS[res][0]}) | {mode} | {d['images_s']:.1f} | {d['iter_s']:.3f} | {rel} |")
-            print(rows[-1], flush=True)
-    rows += ["", f"FLOPs of one iteration (batch {batch}, counted by torch.utils.flop_counter) over its measured time, "
-             f"against a 4096x4096 torch.mm on {device.type} in the matching precision:", "",
-             "| resolution | mode | GFLOP / iteration | s / iteration | achieved TFLOP/s | torch.mm TFLOP/s | fraction |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |", *flop_rows]
+    rows += ["", f"FLOPs of one iteration (counted by torch.utils.flop_counter in float32, the same count in every "
+             f"precision) over its measured time, against a large torch.mm on {device.type} in the matching "
+             f"precision (float32 without TF32 for eager/channels_last/compile, bfloat16 for bf16/fp16 modes, "
+             f"TF32 modes against float32):", "",
+             "| resolution | mode | batch | GFLOP / iteration | s / iteration | achieved TFLOP/s | torch.mm TFLOP/s | "
+             "fraction |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |", *flop_rows]
     return rows
 
 
@@ -527,7 +617,11 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--weights", help="real InceptionV3 weights (default: random weights of the same shapes)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 64 (generate), 100 (fid), 16 (train)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=None,
+                   help="default 64 (generate), 100 (fid), 16 (train; several: each one, e.g. doubling to find the "
+                        "largest that fits)")
+    p.add_argument("--profile", help="train: write a torch.profiler summary of each case to this folder "
+                                     "(_train_case: to this file)")
     p.add_argument("--root", help="image folder (loader)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts (loader)")
     p.add_argument("--batches", type=int, default=60, help="batches timed per folder case (loader)")
@@ -545,22 +639,22 @@ def main() -> None:
     if a.section == "_train_case":
         import json
 
-        print(json.dumps(_train_case(a.res, a.mode, a.iters, a.warmup, a.batch_size or 16)))
+        print(json.dumps(_train_case(a.res, a.mode, a.iters, a.warmup, (a.batch_size or [16])[0], a.profile)))
         return
     print(header(), flush=True)
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}", flush=True)
     if a.section == "attention":
         rows = bench_attention(a.repeats)
     elif a.section == "train":
-        rows = bench_train(a.resolutions, a.modes, a.iters, a.warmup, a.batch_size or 16)
+        rows = bench_train(a.resolutions, a.modes, a.iters, a.warmup, a.batch_size or [16], a.profile)
     elif a.section == "ddp":
         rows = bench_ddp(a.iters)
     elif a.section == "generate":
-        rows = bench_generate(a.batch_size or 64, a.repeats)
+        rows = bench_generate((a.batch_size or [64])[0], a.repeats)
     elif a.section == "logging":
         rows = bench_logging(a.steps, a.interval)
     elif a.section == "fid":
-        rows = bench_fid(a.sizes, a.weights, a.batch_size or 100)
+        rows = bench_fid(a.sizes, a.weights, (a.batch_size or [100])[0])
     elif a.section == "loader":
         if not a.root:
             p.error("loader needs --root FOLDER (e.g. from scripts/make_photo_patches.py --size 64)")

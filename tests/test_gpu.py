@@ -40,20 +40,76 @@ def _loader(n: int = 32, batch: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(x, torch.randint(0, 10, (n,), generator=g)), batch_size=batch)
 
 
+class _Seen(pl.Callback):
+    """What the networks looked like during training (Lightning moves the module back to the CPU and reverts
+    SyncBatchNorm when fit ends)."""
+
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
+        self.sync_bn = False
+        self.channels_last = False
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.devices |= {p.device.type for p in module.parameters()}
+        self.sync_bn = any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.generator.modules())
+        w = module.generator.blocks[0].conv1.parametrizations.weight.original
+        self.channels_last = w.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("precision,compile_", [("32-true", False), ("bf16-mixed", False), ("16-mixed", False),
                                                ("bf16-mixed", True)], ids=["fp32", "bf16", "fp16", "compiled"])
 def test_training_iteration_on_the_gpu(tmp_path, precision, compile_):
-    model = _model(compile=compile_)
+    model, seen = _model(compile=compile_), _Seen()
+    before = {k: v.clone() for k, v in model.generator.state_dict().items()}
     trainer = pl.Trainer(accelerator="gpu", devices=1, precision=precision, max_steps=6, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
+                         default_root_dir=tmp_path, callbacks=[seen])
     trainer.fit(model, _loader())
-    assert model.g_steps == 3 and model.device.type == "cuda"
+    assert model.g_steps == 3 and seen.devices == {"cuda"} and seen.channels_last
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    w = model.generator.blocks[0].conv1.parametrizations.weight.original
-    assert w.is_contiguous(memory_format=torch.channels_last)
+    assert any(not torch.equal(v, before[k]) for k, v in model.generator.state_dict().items())  # G was trained
+    # one EMA update per G step that ran (fp16: the GradScaler skips the G steps its first scales overflow)
+    n_ema = int(model.g_ema.n_averaged)
+    assert n_ema == 3 if precision != "16-mixed" else 1 <= n_ema <= 3
+    assert model.g_ema.n_averaged.device.type == "cpu"
     if precision == "16-mixed":
         assert getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+@pytest.mark.parametrize("options", [{}, dict(class_weight=0.5, class_twin=True, mode_seeking=0.3,
+                                              augment="translation,cutout,color", lecam_weight=0.3),
+                                     dict(mode_seeking=3.0, mode_seeking_form="match_real")],
+                         ids=["paper", "small-data options", "match_real"])
+def test_a_training_iteration_reads_the_gpu_once_per_optimizer_step(tmp_path, options):
+    """Host-device synchronisations inside ``training_step`` (torch.cuda.set_sync_debug_mode), after two warm-up
+    batches: only the divergence guard's finiteness check, one per optimizer step (2 per iteration). Each extra read
+    makes the host wait for every queued kernel and leaves the GPU idle while the next ones are launched."""
+    import traceback
+    import warnings
+
+    model = _model(**options)
+    step, events = model.training_step, []
+
+    def audited(batch, batch_idx):
+        if not 2 <= batch_idx < 6:  # warm-up batches; the last one also logs (self.log copies to the GPU)
+            return step(batch, batch_idx)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda msg, *a, **k: events.append(
+                f"{msg}\n" + "".join(traceback.format_stack(limit=6)[:-1])) if "synchronizing" in str(msg) else None
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return step(batch, batch_idx)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+    model.training_step = audited
+    trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=14, logger=False,
+                         log_every_n_steps=100, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, _loader(n=64))
+    assert model.g_steps == 7
+    assert len(events) <= 2 * 4, "\n".join(events)  # 4 audited iterations
 
 
 def test_spectral_norm_sigma_is_float32_under_cuda_autocast():
@@ -122,13 +178,13 @@ def test_fid_features_on_the_gpu_equal_the_cpus(tmp_path):
 def test_one_process_nccl_ddp_with_sync_batchnorm(tmp_path):
     from sagan.strategy import GANDDPStrategy
 
-    model = _model()
+    model, seen = _model(), _Seen()
     trainer = pl.Trainer(accelerator="gpu", devices=1, strategy=GANDDPStrategy(process_group_backend="nccl"),
                          sync_batchnorm=True, max_steps=4, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[seen])
     trainer.fit(model, _loader())
-    assert model.g_steps == 2
-    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.generator.modules())
+    assert model.g_steps == 2 and seen.devices == {"cuda"} and seen.sync_bn
 
 
 @pytest.mark.timeout(600)

@@ -105,6 +105,16 @@ def test_ema_follows_warmup_formula():
     torch.testing.assert_close(model.g_ema.module.linear.parametrizations.weight.original, expected)
 
 
+def test_ema_update_count_stays_on_the_host_when_the_module_moves():
+    """On a GPU, AveragedModel's reads of its count would each wait for the queued kernels: the count stays put."""
+    model = _model()
+    count = model.g_ema.n_averaged
+    model.to("meta").double()
+    assert model.g_ema.n_averaged is count and count.device.type == "cpu" and count.dtype == torch.long
+    assert next(model.g_ema.parameters()).device.type == "meta"
+    assert model.g_ema.state_dict()["n_averaged"].device.type == "cpu"
+
+
 def _bn_input_stats(g: torch.nn.Module, n: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and variance of what each BatchNorm layer of ``g`` (in eval mode) receives over n samples."""
     bns = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
