@@ -50,14 +50,17 @@ class _WarmupEMA:
     """multi_avg_fn for ``AveragedModel``: EMA with decay ``min(decay, (1 + n) / (10 + n))`` (n = updates so far).
 
     The warm-up keeps the EMA close to G early in training, when a fixed 0.999 would average in the random init.
-    ``n`` is set by :class:`EMAGenerator` from its host-side count before each update.
+    :class:`EMAGenerator` hands it the count in host memory, so reading it never waits for a GPU.
     """
 
     def __init__(self, decay: float, warmup: bool) -> None:
-        self.decay, self.warmup, self.n = decay, warmup, 0
+        self.decay, self.warmup = decay, warmup
 
     def __call__(self, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
-        decay = min(self.decay, (1.0 + self.n) / (10.0 + self.n)) if self.warmup else self.decay
+        decay = self.decay
+        if self.warmup:
+            n = float(num_averaged)
+            decay = min(decay, (1.0 + n) / (10.0 + n))
         get_ema_multi_avg_fn(decay)(ema_params, params, num_averaged)
 
 
@@ -74,10 +77,9 @@ class EMAGenerator(AveragedModel):
     def update_parameters(self, model: torch.nn.Module) -> None:
         """AveragedModel's update (first call copies, then ``multi_avg_fn``; buffers copied as with
         ``use_buffers=False``) with the count read on the host; AveragedModel itself would copy the count to the
-        device, another wait for the GPU, to hand it to ``multi_avg_fn``, which does not need it."""
+        device, another wait for the GPU, before handing it to ``multi_avg_fn``."""
         ema, current = list(self.module.parameters()), [p.detach() for p in model.parameters()]
-        self.multi_avg_fn.n = n = int(self.n_averaged)
-        if n == 0:
+        if int(self.n_averaged) == 0:
             torch._foreach_copy_(ema, current)
         else:
             self.multi_avg_fn(ema, current, self.n_averaged)
