@@ -218,6 +218,9 @@ def main(args: list[str] | None = None) -> None:
     # The data module resumes mid-epoch exactly (see SAGANData.train_dataloader); Lightning's check for that is
     # made for automatic optimisation and misfires here.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Checkpoints hold the state after an iteration's optimizer steps by design (a resume continues from there,
+    # bit for bit); Lightning's notice about pre-optimisation state (with a code sample) only confuses a user.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     if argv[:1] == ["evaluate"]:
         from .evaluate import main as evaluate_main
 

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -104,15 +105,76 @@ class Probe:
         return {"d_train": float(tr), "d_test": float(te), "d_gap": float(tr - te)}
 
 
+class ExtraEMA(pl.Callback):
+    """Further EMA copies of G beside the module's own, with other warm-ups: ``decay = min(cap, (1 + n) / (k + n))``
+    (the module's is k = 10, cap = ema_decay). Each is updated after every generator step exactly as the module
+    updates its own (own spectral-norm vectors, one power iteration) and measured with its own standing
+    statistics, so one training run compares several averaging horizons."""
+
+    def __init__(self, specs: list[str]) -> None:
+        self.specs, self.copies, self._last = specs, {}, -1
+
+    def on_train_start(self, trainer, module) -> None:
+        from sagan.module import _WarmupEMA
+
+        class _K(_WarmupEMA):
+            def __init__(self, cap: float, k: float) -> None:
+                super().__init__(cap, True)
+                self.k = k
+
+            def __call__(self, ema_params, params, num_averaged) -> None:
+                from torch.optim.swa_utils import get_ema_multi_avg_fn
+                n = float(num_averaged)
+                get_ema_multi_avg_fn(min(self.decay, (1.0 + n) / (self.k + n)))(ema_params, params, num_averaged)
+
+        for spec in self.specs:
+            k, cap = (float(v) for v in spec.split(":"))
+            c = copy.deepcopy(module.g_ema)
+            c.multi_avg_fn = _K(cap, k)
+            self.copies[f"ema_k{spec}"] = c
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, module, *a, **k) -> None:
+        from sagan.layers import refresh_spectral_norm
+        if module.g_steps == self._last:
+            return
+        self._last = module.g_steps
+        for c in self.copies.values():
+            own = {n: v.clone() for n, v in c.module.named_buffers() if n.endswith(("._u", "._v"))}
+            c.update_parameters(module.generator)
+            if int(c.n_averaged) > 1:
+                for n, v in c.module.named_buffers():
+                    if n in own:
+                        v.copy_(own[n])
+            refresh_spectral_norm(c.module, n_iterations=1)
+
+    def generators(self, module):
+        """(name, generator) for each copy, its standing statistics computed as the module's own are."""
+        for name, c in self.copies.items():
+            own = module.g_ema
+            module.g_ema, module._ema_bn_fresh_at = c, None
+            try:
+                yield name, module.ema_generator()
+            finally:
+                module.g_ema, module._ema_bn_fresh_at = own, None
+
+
 class Diagnose(pl.Callback):
-    def __init__(self, probe: Probe, every: int, out: Path | None, modes: list[str]) -> None:
+    def __init__(self, probe: Probe, every: int, out: Path | None, modes: list[str],
+                 extra: ExtraEMA | None = None) -> None:
         self.probe, self.every, self.out, self._last, self.modes = probe, every, out, -1, modes
+        self.extra = extra
+        self._train_s, self._since = 0.0, None  # training time, the probes' own time left out
+
+    def on_train_start(self, trainer, module) -> None:
+        self._since = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, *a, **k) -> None:
         step = module.g_steps
         if step == self._last or step % self.every:
             return
         self._last = step
+        self._train_s += time.perf_counter() - self._since
         recs = []
         dg = self.probe.d_gap(module.discriminator)
         g_ema = module.ema_generator()
@@ -121,7 +183,11 @@ class Diagnose(pl.Callback):
         for mode, g in (("ema_eval", g_ema), ("raw_eval", raw_eval), ("raw_train", raw_train)):
             if mode not in self.modes:
                 continue
-            recs.append({"iteration": step, "mode": mode, **self.probe.measure(g, module.z_dim), **dg})
+            recs.append({"iteration": step, "mode": mode, **self.probe.measure(g, module.z_dim), **dg,
+                         "train_s": self._train_s})
+        for mode, g in (self.extra.generators(module) if self.extra else ()):
+            recs.append({"iteration": step, "mode": mode, **self.probe.measure(g, module.z_dim), **dg,
+                         "train_s": self._train_s})
         module.generator.train()
         for r in recs:
             line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
@@ -129,6 +195,7 @@ class Diagnose(pl.Callback):
             if self.out:
                 with open(self.out, "a") as f:
                     f.write(line + "\n")
+        self._since = time.perf_counter()
 
 
 def main() -> None:
@@ -140,19 +207,25 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="override, e.g. model.lr_g=0.0001")
     p.add_argument("--out", type=Path)
     p.add_argument("--modes", default="ema_eval,raw_eval,raw_train", help="generator modes to measure")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch CPU threads (1 to run several diagnoses side by side on a many-core machine)")
+    p.add_argument("--extra-ema", default="", help="further EMA copies measured beside the module's, as "
+                   "comma-separated k:cap (decay = min(cap, (1 + n) / (k + n))), e.g. 4:0.999,20:0.999")
     a = p.parse_args()
     cfg = yaml.safe_load(Path(a.config).read_text())
     for s in a.set:
         _set(cfg, s)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(a.threads)
     pl.seed_everything(a.seed, verbose=False)
     dm = SAGANData(**cfg["data"])
     mcfg = dict(cfg["model"])
     model = SAGAN(resolution=dm.resolution, img_channels=dm.channels, num_classes=dm.num_classes, **mcfg)
     n_dis = model.n_dis
+    extra = ExtraEMA(a.extra_ema.split(",")) if a.extra_ema else None
     trainer = pl.Trainer(accelerator="cpu", max_steps=a.iters * (n_dis + 1), logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Diagnose(Probe(resolution=dm.resolution), a.every, a.out, a.modes.split(','))], default_root_dir="/tmp/diag")
+                         callbacks=[*([extra] if extra else []),
+                                    Diagnose(Probe(resolution=dm.resolution), a.every, a.out, a.modes.split(','), extra)], default_root_dir="/tmp/diag")
     trainer.fit(model, dm)
 
 

@@ -67,6 +67,34 @@ def test_evaluate_checkpoint_prints_table_and_writes_protocol(digits_run, capsys
     assert p["prc_neighborhood"] == 3 and p["spread_layer"] == "64"
 
 
+def test_floor_is_also_compared_at_its_own_sample_count(digits_run, capsys):
+    """More generated samples than held-out images: a second row scores the generator on as many samples as the
+    floor has (FID and k-NN recall both depend on the count), the mean of MATCHED_DRAWS different draws."""
+    from sagan.evaluate import MATCHED_DRAWS, _matched_draws
+
+    run, cache = digits_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    code = evaluate_main(["--ckpt", str(ckpt), "--num-samples", "400", "--metrics", "fid,prc", "--floor",
+                          "--cache-root", str(cache), "--device", "cpu", "--json", str(run / "m.json")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"generated, 360 (x{MATCHED_DRAWS})" in out and "at the floor's sample count (360 generated" in out
+    same = json.loads((run / "m.json").read_text())["floor"]["generated_same_count"]
+    assert same["num_generated"] == 360 and same["draws"] == MATCHED_DRAWS
+    assert {"fid", "precision", "recall", "spread"} <= same["metrics"].keys()
+
+    calls = []
+
+    class Ev:  # records the draws and gives each a different value
+        def generator(self, g, n, seed):
+            calls.append((n, seed))
+            return type("R", (), {"values": {"fid": float(seed), "recall": 1.0}})()
+
+    m = _matched_draws(Ev(), None, 360, seed=7)
+    assert calls == [(360, 7 + i) for i in range(MATCHED_DRAWS)]
+    assert m == {"fid": sum(7 + i for i in range(MATCHED_DRAWS)) / MATCHED_DRAWS, "recall": 1.0}
+
+
 def test_evaluate_bad_inputs_one_clear_message_each(digits_run, capsys, tmp_path):
     run, cache = digits_run
     ckpt = run / "checkpoints" / "last.ckpt"
