@@ -53,14 +53,14 @@ class _WarmupEMA:
     :class:`EMAGenerator` hands it the count in host memory, so reading it never waits for a GPU.
     """
 
-    def __init__(self, decay: float, warmup: bool) -> None:
-        self.decay, self.warmup = decay, warmup
+    def __init__(self, decay: float, warmup: bool, warmup_k: float = 10.0) -> None:
+        self.decay, self.warmup, self.warmup_k = decay, warmup, warmup_k  # warmup_k: the 10 above
 
     def __call__(self, ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
         decay = self.decay
         if self.warmup:
             n = float(num_averaged)
-            decay = min(decay, (1.0 + n) / (10.0 + n))
+            decay = min(decay, (1.0 + n) / (self.warmup_k + n))
         get_ema_multi_avg_fn(decay)(ema_params, params, num_averaged)
 
 

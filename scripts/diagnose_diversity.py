@@ -15,6 +15,7 @@ Each line printed (and written to ``--out``) is one JSON record per (iteration, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sagan.data import SAGANData, digits_to_images, load_digits_arrays  # noqa: E402
 from sagan.features import DIGITS_WEIGHTS, DigitsMLP, uint8_to_digit_inputs  # noqa: E402
 from sagan.metrics import to_uint8  # noqa: E402
-from sagan.module import SAGAN  # noqa: E402
+from sagan.module import SAGAN, _WarmupEMA  # noqa: E402
 
 
 def _set(cfg: dict, dotted: str) -> None:
@@ -107,56 +108,44 @@ class Probe:
 
 class ExtraEMA(pl.Callback):
     """Further EMA copies of G beside the module's own, with other warm-ups: ``decay = min(cap, (1 + n) / (k + n))``
-    (the module's is k = 10, cap = ema_decay). Each is updated after every generator step exactly as the module
-    updates its own (own spectral-norm vectors, one power iteration) and measured with its own standing
-    statistics, so one training run compares several averaging horizons."""
+    (the module's is k = 10, cap = ema_decay). Each copy stands in for the module's EMA while the module's own
+    update (``_update_ema``) and sampling (``ema_generator``, standing statistics) run on it, so one training run
+    compares several averaging horizons, each updated and measured exactly as the module's."""
 
     def __init__(self, specs: list[str]) -> None:
         self.specs, self.copies, self._last = specs, {}, -1
 
     def on_train_start(self, trainer, module) -> None:
-        from sagan.module import _WarmupEMA
-
-        class _K(_WarmupEMA):
-            def __init__(self, cap: float, k: float) -> None:
-                super().__init__(cap, True)
-                self.k = k
-
-            def __call__(self, ema_params, params, num_averaged) -> None:
-                from torch.optim.swa_utils import get_ema_multi_avg_fn
-                n = float(num_averaged)
-                get_ema_multi_avg_fn(min(self.decay, (1.0 + n) / (self.k + n)))(ema_params, params, num_averaged)
-
         for spec in self.specs:
             k, cap = (float(v) for v in spec.split(":"))
             c = copy.deepcopy(module.g_ema)
-            c.multi_avg_fn = _K(cap, k)
+            c.multi_avg_fn = _WarmupEMA(cap, True, warmup_k=k)
             self.copies[f"ema_k{spec}"] = c
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _standing_in(module, c):
+        own = module.g_ema
+        module.g_ema, module._ema_bn_fresh_at = c, None
+        try:
+            yield
+        finally:
+            module.g_ema, module._ema_bn_fresh_at = own, None
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, module, *a, **k) -> None:
-        from sagan.layers import refresh_spectral_norm
         if module.g_steps == self._last:
             return
         self._last = module.g_steps
         for c in self.copies.values():
-            own = {n: v.clone() for n, v in c.module.named_buffers() if n.endswith(("._u", "._v"))}
-            c.update_parameters(module.generator)
-            if int(c.n_averaged) > 1:
-                for n, v in c.module.named_buffers():
-                    if n in own:
-                        v.copy_(own[n])
-            refresh_spectral_norm(c.module, n_iterations=1)
+            with self._standing_in(module, c):
+                module._update_ema()
 
     def generators(self, module):
         """(name, generator) for each copy, its standing statistics computed as the module's own are."""
         for name, c in self.copies.items():
-            own = module.g_ema
-            module.g_ema, module._ema_bn_fresh_at = c, None
-            try:
+            with self._standing_in(module, c):
                 yield name, module.ema_generator()
-            finally:
-                module.g_ema, module._ema_bn_fresh_at = own, None
 
 
 class Diagnose(pl.Callback):
