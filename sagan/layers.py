@@ -186,14 +186,20 @@ class ConditionalBatchNorm2d(nn.Module):
       suppress z instead (see BENCHMARKS.md, "Learning quality"), which is why it is not the default.
 
     With ``num_classes == 0`` it is an ordinary affine ``BatchNorm2d`` and ``y`` is ignored.
+
+    ``z_dim > 0`` (BigGAN's hierarchical latent, Brock et al. 2019, section 4): a chunk of the latent ``z`` (B, z_dim)
+    also shifts the gain and bias, through spectrally normalised linear maps: ``gain + W_g z``, ``bias + W_b z``.
     """
 
     def __init__(self, num_features: int, num_classes: int = 0, momentum: float = 0.1, eps: float = 1e-5,
-                 sn: bool = False) -> None:
+                 sn: bool = False, z_dim: int = 0) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.sn = sn
         self.bn = nn.BatchNorm2d(num_features, affine=num_classes == 0, momentum=momentum, eps=eps)
+        if z_dim > 0:
+            self.z_gain = sn_linear(z_dim, num_features, bias=False)
+            self.z_bias = sn_linear(z_dim, num_features, bias=False)
         if num_classes > 0:
             if sn:
                 self.gain = sn_embedding(num_classes, num_features)
@@ -204,13 +210,20 @@ class ConditionalBatchNorm2d(nn.Module):
                 nn.init.ones_(self.gain.weight)
                 nn.init.zeros_(self.bias.weight)
 
-    def forward(self, x: Tensor, y: Tensor | None = None, strength: float = 1.0) -> Tensor:
+    def forward(self, x: Tensor, y: Tensor | None = None, strength: float = 1.0, z: Tensor | None = None) -> Tensor:
         """``y``: class indices (B,), or class weights (B, num_classes) that mix the class embeddings (used to
         interpolate between classes; a one-hot row equals its index). ``strength`` in [0, 1] scales the class
-        signal: the gain's departure from 1 and the bias (0 = plain BN for every class; 1 = full conditioning)."""
+        signal: the gain's departure from 1 and the bias (0 = plain BN for every class; 1 = full conditioning).
+        ``z``: the latent chunk (B, z_dim) of a hierarchical-latent generator (needed when built with ``z_dim``)."""
         out = self.bn(x)
+        if hasattr(self, "z_gain"):
+            if z is None:
+                raise ValueError("ConditionalBatchNorm2d with a hierarchical latent (z_dim > 0) needs its chunk z")
+            z_gain, z_bias = self.z_gain(z), self.z_bias(z)  # (B, C) each
+        else:
+            z_gain = z_bias = None
         if self.num_classes == 0:
-            return out
+            return out if z_gain is None else out * (1.0 + z_gain[:, :, None, None]) + z_bias[:, :, None, None]
         if y is None:
             raise ValueError("ConditionalBatchNorm2d of a class-conditional model needs class labels y")
         if y.is_floating_point():
@@ -223,4 +236,6 @@ class ConditionalBatchNorm2d(nn.Module):
             gain, bias = (gain if self.sn else gain - 1.0) * strength + (0.0 if self.sn else 1.0), bias * strength
         if self.sn:
             gain = 1.0 + gain
+        if z_gain is not None:
+            gain, bias = gain + z_gain, bias + z_bias
         return out * gain[:, :, None, None] + bias[:, :, None, None]

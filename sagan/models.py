@@ -65,19 +65,19 @@ def conditioning_strength(ramp: Sequence[int] | None, iteration: int) -> float:
 class GBlock(nn.Module):
     """Generator residual block: CBN-ReLU-up-conv3x3-CBN-ReLU-conv3x3, plus up-conv1x1 shortcut."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_classes: int, cbn_sn: bool = False) -> None:
+    def __init__(self, in_ch: int, out_ch: int, num_classes: int, cbn_sn: bool = False, z_dim: int = 0) -> None:
         super().__init__()
-        self.bn1 = ConditionalBatchNorm2d(in_ch, num_classes, sn=cbn_sn)
+        self.bn1 = ConditionalBatchNorm2d(in_ch, num_classes, sn=cbn_sn, z_dim=z_dim)
         self.conv1 = sn_conv2d(in_ch, out_ch, 3)
-        self.bn2 = ConditionalBatchNorm2d(out_ch, num_classes, sn=cbn_sn)
+        self.bn2 = ConditionalBatchNorm2d(out_ch, num_classes, sn=cbn_sn, z_dim=z_dim)
         self.conv2 = sn_conv2d(out_ch, out_ch, 3)
         self.shortcut = sn_conv2d(in_ch, out_ch, 1, padding=0)
 
-    def forward(self, x: Tensor, y: Tensor | None, strength: float = 1.0) -> Tensor:
-        h = F.relu(self.bn1(x, y, strength))
+    def forward(self, x: Tensor, y: Tensor | None, strength: float = 1.0, z: Tensor | None = None) -> Tensor:
+        h = F.relu(self.bn1(x, y, strength, z))
         h = F.interpolate(h, scale_factor=2.0, mode="nearest")
         h = self.conv1(h)
-        h = self.conv2(F.relu(self.bn2(h, y, strength)))
+        h = self.conv2(F.relu(self.bn2(h, y, strength, z)))
         return h + self.shortcut(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -126,6 +126,7 @@ class Generator(nn.Module):
         num_classes: int = 0,
         img_channels: int = 3,
         cbn_sn: bool = False,
+        skip_z: bool = False,
     ) -> None:
         super().__init__()
         check_resolution(resolution)
@@ -141,12 +142,18 @@ class Generator(nn.Module):
         _check_attn("generator", attn, block_res)
         self.resolution, self.z_dim, self.num_classes, self.img_channels = resolution, z_dim, num_classes, img_channels
         chans = [ch * m for m in mult]
-        self.linear = sn_linear(z_dim, chans[0] * 4 * 4)
+        # hierarchical latent: z splits into one chunk for the input layer and one per block (the first takes the rest)
+        self.z_chunks = [z_dim - n_blocks * (z_dim // (n_blocks + 1))] + [z_dim // (n_blocks + 1)] * n_blocks \
+            if skip_z else [z_dim]
+        if skip_z and z_dim < n_blocks + 1:
+            raise ConfigError(f"a hierarchical latent (skip_z) needs z_dim >= {n_blocks + 1} (one chunk per block "
+                              f"and the input), got {z_dim}")
+        self.linear = sn_linear(self.z_chunks[0], chans[0] * 4 * 4)
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()  # block index -> attention after that block
         self.attn_resolution: dict[str, int] = {}
         for i in range(n_blocks):
-            self.blocks.append(GBlock(chans[i], chans[i + 1], num_classes, cbn_sn))
+            self.blocks.append(GBlock(chans[i], chans[i + 1], num_classes, cbn_sn, self.z_chunks[-1] if skip_z else 0))
             if block_res[i] in attn:
                 self.attn[str(i)] = SelfAttention2d(chans[i + 1])
                 self.attn_resolution[str(i)] = block_res[i]
@@ -164,9 +171,10 @@ class Generator(nn.Module):
         if self.conditional and y is None:
             raise ValueError("this generator is class-conditional: pass class labels y of shape (B,)")
         maps: dict[int, Tensor] = {}
-        h = self.linear(z).view(z.shape[0], -1, 4, 4)  # (B, C0, 4, 4)
+        zs = torch.split(z, self.z_chunks, dim=1) if len(self.z_chunks) > 1 else (z,)  # (B, z_chunk) each
+        h = self.linear(zs[0]).view(z.shape[0], -1, 4, 4)  # (B, C0, 4, 4)
         for i, block in enumerate(self.blocks):
-            h = block(h, y if self.conditional else None, self.cond_strength)
+            h = block(h, y if self.conditional else None, self.cond_strength, zs[i + 1] if len(zs) > 1 else None)
             if str(i) in self.attn:
                 if return_attention:
                     h, maps[h.shape[-1]] = self.attn[str(i)](h, return_attention=True)

@@ -108,6 +108,9 @@ class SAGAN(pl.LightningModule):
         g_attn, d_attn: feature-map resolutions after which G / D have a self-attention block (None = preset).
         cbn_sn: spectrally normalised class embeddings in G's conditional BN (StudioGAN) instead of the official
             SAGAN code's per-class gain and bias initialised to 1 and 0 (default; see ``layers.ConditionalBatchNorm2d``).
+        skip_z: BigGAN's hierarchical latent (Brock et al. 2019, "skip-z"): z is split into one chunk for G's input
+            layer and one per block, and each block's (conditional) BatchNorm gains and biases also depend on its
+            chunk, so the latent reaches every resolution directly instead of only through the 4x4 input.
         loss: 'hinge' (SAGAN) or 'nonsaturating'.
         n_dis: discriminator steps per generator step.
         lr_g, lr_d: Adam learning rates (TTUR).
@@ -176,6 +179,7 @@ class SAGAN(pl.LightningModule):
         g_attn: Sequence[int] | None = None,
         d_attn: Sequence[int] | None = None,
         cbn_sn: bool = False,
+        skip_z: bool = False,
         loss: Literal["hinge", "nonsaturating"] = "hinge",
         n_dis: int = 1,
         lr_g: float = 1e-4,
@@ -229,7 +233,8 @@ class SAGAN(pl.LightningModule):
         self.automatic_optimization = False
         n_cls = num_classes if conditional else 0
         self.num_classes, self.z_dim, self.n_dis = n_cls, z_dim, n_dis
-        self.generator = Generator(resolution, z_dim, g_ch, g_ch_mult, g_attn, n_cls, img_channels, cbn_sn)
+        self.generator = Generator(resolution, z_dim, g_ch, g_ch_mult, g_attn, n_cls, img_channels, cbn_sn,
+                                   skip_z)
         self.class_weight = class_weight if n_cls > 0 else 0.0
         self.discriminator = Discriminator(resolution, d_ch, d_ch_mult, d_attn, n_cls, img_channels,
                                            aux_classifier=self.class_weight > 0,
@@ -544,8 +549,8 @@ class SAGAN(pl.LightningModule):
         seed_step(run_seed(), self.global_rank, self.counters.batches_seen)
 
     ARCHITECTURE_KEYS = ("resolution", "img_channels", "num_classes", "conditional", "z_dim", "g_ch", "d_ch",
-                         "g_ch_mult", "d_ch_mult", "g_attn", "d_attn", "cbn_sn")
-    LEGACY_DEFAULTS = {"cbn_sn": True}  # what checkpoints written before a key existed used
+                         "g_ch_mult", "d_ch_mult", "g_attn", "d_attn", "cbn_sn", "skip_z")
+    LEGACY_DEFAULTS = {"cbn_sn": True, "skip_z": False}  # what checkpoints written before a key existed used
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sagan"] = self.counters.state_dict()  # no random state: see checkpointing.seed_step

@@ -62,7 +62,7 @@ def generator_from_checkpoint(
     n_cls = hp["num_classes"] if hp["conditional"] else 0
     # checkpoints written before ``cbn_sn`` existed used spectrally normalised CBN embeddings
     g = Generator(hp["resolution"], hp["z_dim"], hp["g_ch"], hp["g_ch_mult"], hp["g_attn"], n_cls, hp["img_channels"],
-                  hp.get("cbn_sn", True))
+                  hp.get("cbn_sn", True), hp.get("skip_z", False))
     prefix = "g_ema.module." if ema else "generator."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:

@@ -133,3 +133,29 @@ def test_attention_blocks_start_at_gamma_zero():
     g, d = _small(64, 0)
     blocks = [m for m in [*g.modules(), *d.modules()] if isinstance(m, SelfAttention2d)]
     assert len(blocks) == 2 and all(float(b.gamma) == 0.0 for b in blocks)
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_hierarchical_latent_feeds_each_block_its_own_chunk_of_z(num_classes):
+    """skip_z (BigGAN): the 4x4 input sees the first chunk of z only, and chunk k+1 reaches the image through
+    block k's BatchNorm gains and biases."""
+    torch.manual_seed(0)
+    g = Generator(32, z_dim=18, ch=8, num_classes=num_classes, skip_z=True).eval()
+    assert g.z_chunks == [6, 4, 4, 4] and g.linear.in_features == 6
+    y = torch.tensor([1, 7]) if num_classes else None
+    z = torch.randn(2, 18, requires_grad=True)
+    (grad,) = torch.autograd.grad(g(z, y).square().sum(), z)
+    for chunk in torch.split(grad, g.z_chunks, dim=1):
+        assert chunk.abs().sum() > 0  # every chunk matters
+    # silence block 1's latent maps: chunk 2 no longer reaches the image, the others still do
+    silence = [m.register_forward_hook(lambda mod, inp, out: torch.zeros_like(out))
+               for bn in (g.blocks[1].bn1, g.blocks[1].bn2) for m in (bn.z_gain, bn.z_bias)]
+    (grad,) = torch.autograd.grad(g(z, y).square().sum(), z)
+    chunks = torch.split(grad, g.z_chunks, dim=1)
+    assert chunks[2].abs().sum() == 0 and all(chunks[i].abs().sum() > 0 for i in (0, 1, 3))
+    for h in silence:
+        h.remove()
+    # its latent maps are spectrally normalised like every other linear layer
+    assert all(parametrize.is_parametrized(m, "weight") for m in g.modules() if isinstance(m, nn.Linear))
+    with pytest.raises(ConfigError, match="skip_z.*z_dim >= 4"):
+        Generator(32, z_dim=3, ch=8, skip_z=True)

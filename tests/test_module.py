@@ -549,3 +549,20 @@ def test_logging_only_on_logged_batches_writes_the_same_values(tmp_path, monkeyp
     assert sum("train/loss_d" in r for r in rows.values()) == 7 // 3  # 7 batches (14 optimizer steps)
     assert calls * 7 == calls_all * 4  # batches 1 (the first), 3, 6 and 7 (the last) of 7 log
     assert "train/loss_g" in trainer.callback_metrics  # the last batch's values, for the progress bar
+
+
+def test_hierarchical_latent_checkpoints_rebuild_the_same_generator(tmp_path):
+    from sagan.errors import CheckpointError
+    from sagan.sampling import generator_from_checkpoint
+
+    torch.manual_seed(0)
+    model = _model(n_dis=1, skip_z=True)
+    _fit(model, max_steps=4, tmp_path=tmp_path)
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    g = generator_from_checkpoint(ckpt)
+    assert len(g.z_chunks) == 4
+    z, y = torch.randn(3, 16), torch.tensor([0, 1, 3])
+    model.g_ema.module.eval()
+    torch.testing.assert_close(g(z, y), model.g_ema.module(z, y))
+    with pytest.raises(CheckpointError, match="skip_z=True in the checkpoint vs False here"):
+        _model(n_dis=1).on_load_checkpoint(ckpt)
