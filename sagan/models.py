@@ -142,12 +142,12 @@ class Generator(nn.Module):
         _check_attn("generator", attn, block_res)
         self.resolution, self.z_dim, self.num_classes, self.img_channels = resolution, z_dim, num_classes, img_channels
         chans = [ch * m for m in mult]
-        # hierarchical latent: z splits into one chunk for the input layer and one per block (the first takes the rest)
-        self.z_chunks = [z_dim - n_blocks * (z_dim // (n_blocks + 1))] + [z_dim // (n_blocks + 1)] * n_blocks \
-            if skip_z else [z_dim]
         if skip_z and z_dim < n_blocks + 1:
             raise ConfigError(f"a hierarchical latent (skip_z) needs z_dim >= {n_blocks + 1} (one chunk per block "
                               f"and the input), got {z_dim}")
+        # hierarchical latent: z splits into one chunk for the input layer and one per block (the first takes the rest)
+        self.z_chunks = [z_dim - n_blocks * (z_dim // (n_blocks + 1))] + [z_dim // (n_blocks + 1)] * n_blocks \
+            if skip_z else [z_dim]
         self.linear = sn_linear(self.z_chunks[0], chans[0] * 4 * 4)
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()  # block index -> attention after that block
