@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Timer
 from torchvision.utils import save_image
 
 from .errors import SaganError
@@ -154,13 +155,20 @@ class WandbDashboard(pl.Callback):
 
 
 class RunSummary(pl.Callback):
-    """Prints, at the end of training, the iterations done and where the last checkpoint and sample grid are."""
+    """Prints, at the end of training, the iterations done (and whether ``trainer.max_time`` ended them before
+    ``trainer.max_steps``) and where the last checkpoint and sample grid are."""
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback
         last_ckpt = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
         grids = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGrid) and cb.last_path]
         lines = [f"sagan: trained {pl_module.g_steps} iterations ({pl_module.d_steps} discriminator steps)"]
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        left = timer.time_remaining() if timer is not None else None  # None: no trainer.max_time
+        if left is not None and left <= 0 and not 0 < trainer.max_steps <= trainer.global_step:
+            lines[0] += f"; stopped by trainer.max_time ({timer.time_elapsed() + left:.0f} s of training)"
+            if trainer.max_steps > 0:
+                lines[0] += f" before trainer.max_steps ({trainer.max_steps})"
         if last_ckpt:
             lines.append(f"  checkpoint:  {last_ckpt}")
         for cb in trainer.callbacks:

@@ -48,6 +48,23 @@ def test_fit_end_to_end_writes_checkpoint_samples_and_config(tmp_path, capsys):
     assert img.shape == (3, 1, 32, 32)
 
 
+def test_time_limit_ends_the_run_with_its_checkpoint_grid_and_summary(tmp_path, capsys):
+    """`make demo` caps the fit with trainer.max_time: a run it stops keeps the state of its last iteration, writes
+    that iteration's grid, and says why it stopped before max_steps."""
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
+            "--experiment", "timed", *TINY, "--trainer.max_steps", "100000", "--trainer.max_time", "00:00:00:02",
+            "--samples.every_n_steps", "0", "--data.batch_size", "8"]
+    assert run_cli(args) == 0
+    out = capsys.readouterr()
+    line = next(x for x in out.out.splitlines() if x.startswith("sagan: trained"))
+    iterations = int(line.split()[2])
+    assert 0 < iterations < 50000
+    assert "stopped by trainer.max_time (2 s of training) before trainer.max_steps (100000)" in line
+    run = tmp_path / "timed"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["sagan"]["g_steps"] == iterations
+    assert [p.name for p in (run / "samples").glob("*.png")] == [f"step_{iterations:06d}.png"]
+
+
 def test_fit_on_class_folder_links_classes_and_channels(tmp_path, class_folder):
     args = ["fit", "--config", str(REPO / "configs/celeba64.yaml"), "--output_root", str(tmp_path),
             "--experiment", "folder", *TINY, "--data.root", str(class_folder), "--data.resolution", "32",
