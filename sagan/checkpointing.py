@@ -104,6 +104,17 @@ class Checkpoint(ModelCheckpoint):
         fresh = trainer.is_global_zero and trainer.ckpt_path is None and self.dirpath is not None
         self._fresh_since: float | None = time.time() if fresh else None
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save the final state when training ends between two periodic checkpoints: at ``trainer.max_steps`` not a
+        multiple of ``every_n_train_steps``, at ``trainer.max_time``, on an early stop. Lightning's ``save_last``
+        only copies the latest periodic checkpoint, so ``last.ckpt`` would hold an earlier iteration than the run
+        ended with (and than its final grid and in-loop FID show). Every rank calls this at the same point."""
+        if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if getattr(self, "_fresh_since", None) is not None:
             folder = Path(self.dirpath)

@@ -65,6 +65,19 @@ def test_time_limit_ends_the_run_with_its_checkpoint_grid_and_summary(tmp_path, 
     assert [p.name for p in (run / "samples").glob("*.png")] == [f"step_{iterations:06d}.png"]
 
 
+def test_last_checkpoint_holds_the_final_step_between_periodic_saves(tmp_path):
+    """max_steps 10 with a checkpoint every 4 steps: Lightning's save_last copies the step-8 checkpoint; the run
+    ended at step 10, and last.ckpt (what `sagan evaluate` and `make demo` read) must hold step 10."""
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
+            "--experiment", "unaligned", *TINY, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "4",
+            "--samples.every_n_steps", "0", "--data.batch_size", "8"]
+    assert run_cli(args) == 0
+    folder = tmp_path / "unaligned" / "checkpoints"
+    state = torch.load(folder / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 10 and state["sagan"]["g_steps"] == 5
+    assert {f.name for f in folder.glob("step=*.ckpt")} == {"step=4.ckpt", "step=8.ckpt", "step=10.ckpt"}
+
+
 def test_fit_on_class_folder_links_classes_and_channels(tmp_path, class_folder):
     args = ["fit", "--config", str(REPO / "configs/celeba64.yaml"), "--output_root", str(tmp_path),
             "--experiment", "folder", *TINY, "--data.root", str(class_folder), "--data.resolution", "32",
