@@ -89,15 +89,21 @@ def refresh_spectral_norm(module: nn.Module, n_iterations: int = 1) -> None:
     """Run ``n_iterations`` power iterations on every SN weight of ``module``, whatever its train/eval mode.
 
     Used for the EMA generator: after each averaging step its own singular-vector estimates (``_u``, ``_v``
-    buffers) take one power iteration against the averaged weights, as G's take one per training forward.
+    buffers) take one power iteration against the averaged weights, as G's take one per training forward. This is
+    the power method of the parametrisation's training-mode forward, without the normalised weight that forward
+    also computes (a third of its operations).
     """
     for m in spectral_norm_modules(module):
-        for p in m.parametrizations.weight:
-            was_training = p.training
-            p.train()
-            for _ in range(n_iterations):
-                _ = m.weight  # training-mode parametrisation forward updates _u and _v in place
-            p.train(was_training)
+        plist = m.parametrizations.weight
+        for p in plist:
+            if isinstance(p, _SpectralNorm) and len(plist) == 1 and hasattr(p, "_power_method"):
+                p._power_method(p._reshape_weight_to_matrix(plist.original), n_iterations)
+            else:  # chained parametrisations, or a torch without the method: the public path
+                was_training = p.training
+                p.train()
+                for _ in range(n_iterations):
+                    _ = m.weight  # training-mode parametrisation forward updates _u and _v in place
+                p.train(was_training)
 
 
 class SelfAttention2d(nn.Module):

@@ -70,21 +70,27 @@ class EMAGenerator(AveragedModel):
     update (``n_averaged == 0``, ``> 0``) and the warm-up needs it as a number; on a GPU each read would make the
     host wait for every kernel queued so far."""
 
+    OWN_BUFFERS = ("._u", "._v")  # spectral-norm vectors: the EMA network's own after the first update (see SAGAN)
+
     def __init__(self, generator: torch.nn.Module, decay: float, warmup: bool) -> None:
         super().__init__(generator, multi_avg_fn=_WarmupEMA(decay, warmup), use_buffers=False)
 
     @torch.no_grad()
     def update_parameters(self, model: torch.nn.Module) -> None:
         """AveragedModel's update (first call copies, then ``multi_avg_fn``; buffers copied as with
-        ``use_buffers=False``) with the count read on the host; AveragedModel itself would copy the count to the
-        device, another wait for the GPU, before handing it to ``multi_avg_fn``."""
+        ``use_buffers=False``, except the spectral-norm vectors after the first call) with the count read on the
+        host; AveragedModel itself would copy the count to the device, another wait for the GPU, before handing it
+        to ``multi_avg_fn``."""
         ema, current = list(self.module.parameters()), [p.detach() for p in model.parameters()]
-        if int(self.n_averaged) == 0:
+        first = int(self.n_averaged) == 0
+        if first:
             torch._foreach_copy_(ema, current)
         else:
             self.multi_avg_fn(ema, current, self.n_averaged)
-        for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
+        pairs = [(b_ema, b) for (name, b_ema), b in zip(self.module.named_buffers(), model.buffers(), strict=True)
+                 if first or not name.endswith(self.OWN_BUFFERS)]
+        if pairs:
+            torch._foreach_copy_([a for a, _ in pairs], [b for _, b in pairs])
         self.n_averaged += 1
 
     def _apply(self, fn: Any, recurse: bool = True) -> EMAGenerator:
@@ -405,14 +411,8 @@ class SAGAN(pl.LightningModule):
         spectral-norm vectors against its averaged weights. The EMA network is thus a complete spectrally
         normalised network: evaluated in the loop, saved, and loaded by ``sagan evaluate`` / ``generate``, it is
         the same network."""
-        ema = self.g_ema.module
-        own = {k: v.clone() for k, v in ema.named_buffers() if k.endswith(("._u", "._v"))}
-        self.g_ema.update_parameters(self.generator)  # also copies every buffer of G
-        if int(self.g_ema.n_averaged) > 1:  # keep the EMA's own vectors (the first update starts from G's)
-            for k, v in ema.named_buffers():
-                if k in own:
-                    v.copy_(own[k])
-        refresh_spectral_norm(ema, n_iterations=1)
+        self.g_ema.update_parameters(self.generator)  # copies G's buffers but for the EMA's own SN vectors
+        refresh_spectral_norm(self.g_ema.module, n_iterations=1)
 
     def _log_step(self, logs: dict[str, Tensor], batch_size: int) -> None:
         now = time.perf_counter()

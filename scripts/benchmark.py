@@ -9,6 +9,7 @@
     python scripts/benchmark.py logging [--steps 150] [--interval 25]
     python scripts/benchmark.py fid [--sizes 1000 10000] [--weights PATH]
     python scripts/benchmark.py loader --root data/photos64/train [--res 64] [--workers 0 1 2] [--batches 60]
+    python scripts/benchmark.py ema [--repeats 200]
 
 Sections:
   attention attention block (SelfAttention2d: its 1x1 convs, pooling and output projection included) forward +
@@ -42,6 +43,10 @@ Sections:
             (memory-mapped and in memory), per worker count; plus the time ``sagan prepare`` took and, in the same
             run, the training step's own images/s at that resolution (configs/celeba64.yaml, batch 64, eager fp32
             on this device), so the table says whether training would wait for data.
+  ema       time of one EMA update of the generator (``SAGAN._update_ema``: the weights averaged, G's buffers copied
+            but for the EMA's own spectral-norm vectors, one power iteration of those) for the digits and CIFAR-10
+            configs' G: median of --repeats after a warm-up, and the torch operators one update dispatches
+            (torch.profiler's aten:: events, nested ones included; the host work that bounds a small GPU step).
 """
 
 from __future__ import annotations
@@ -277,6 +282,46 @@ def bench_attention(repeats: int) -> list[str]:
             rows.append(f"| {res}x{res} (N={res * res}) | {'yes' if pool else 'no'} | {fmt(e, 'ms')} | {fmt(f, 'ms')} "
                         f"| {fmt(e, 'peak_mib')} | {fmt(f, 'peak_mib')} | {ratio} |")
             print(rows[-1], flush=True)
+    return rows
+
+
+def bench_ema(repeats: int) -> list[str]:
+    import statistics
+
+    import yaml
+
+    from sagan.layers import spectral_norm_modules
+    from sagan.module import SAGAN
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = ["| config | G parameters | SN weights in G | EMA update ms (median) | aten ops per update |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for config, classes in (("configs/digits.yaml", 10), ("configs/cifar10.yaml", 10)):
+        cfg = yaml.safe_load((REPO / config).read_text())
+        hp = {k: v for k, v in cfg["model"].items() if k != "compile"}
+        hp.update(resolution=cfg["data"]["resolution"], img_channels=1 if "digits" in config else 3,
+                  num_classes=classes)
+        model = SAGAN(**hp).to(dev)
+        if hp.get("channels_last", True):
+            model.g_ema.to(memory_format=torch.channels_last)
+            model.generator.to(memory_format=torch.channels_last)
+        times = []
+        for i in range(repeats + 10):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model._update_ema()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 10:
+                times.append(time.perf_counter() - t)
+        with torch.profiler.profile() as prof:
+            model._update_ema()
+        ops = sum(e.name.startswith("aten::") for e in prof.events())
+        n_params = sum(p.numel() for p in model.generator.parameters())
+        rows.append(f"| {config} | {n_params / 1e6:.2f} M | {len(spectral_norm_modules(model.generator))} | "
+                    f"{statistics.median(times) * 1e3:.2f} | {ops} |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -600,7 +645,7 @@ def bench_ddp(iters: int, warmup: int = 5) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "loader", "_attn_case",
+    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "loader", "ema", "_attn_case",
                                        "_train_case", "_ddp_case"])
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--res", type=int)
@@ -613,7 +658,7 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["eager", "channels_last", "bf16", "compile"])
     p.add_argument("--steps", type=int, default=150, help="iterations per run (logging)")
     p.add_argument("--interval", type=int, default=25, help="log_every_n_steps (logging)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None, help="default 5 (200 for ema)")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--weights", help="real InceptionV3 weights (default: random weights of the same shapes)")
@@ -631,7 +676,7 @@ def main() -> None:
     if a.section == "_attn_case":
         import json
 
-        print(json.dumps(_attn_case(a.res, a.pool, a.explicit, a.repeats)))
+        print(json.dumps(_attn_case(a.res, a.pool, a.explicit, a.repeats or 5)))
         return
     if a.section == "_ddp_case":
         _ddp_case(a.devices, a.iters, a.warmup)
@@ -644,13 +689,13 @@ def main() -> None:
     print(header(), flush=True)
     print(f"command: python scripts/benchmark.py {' '.join(sys.argv[1:])}", flush=True)
     if a.section == "attention":
-        rows = bench_attention(a.repeats)
+        rows = bench_attention(a.repeats or 5)
     elif a.section == "train":
         rows = bench_train(a.resolutions, a.modes, a.iters, a.warmup, a.batch_size or [16], a.profile)
     elif a.section == "ddp":
         rows = bench_ddp(a.iters)
     elif a.section == "generate":
-        rows = bench_generate((a.batch_size or [64])[0], a.repeats)
+        rows = bench_generate((a.batch_size or [64])[0], a.repeats or 5)
     elif a.section == "logging":
         rows = bench_logging(a.steps, a.interval)
     elif a.section == "fid":
@@ -659,6 +704,8 @@ def main() -> None:
         if not a.root:
             p.error("loader needs --root FOLDER (e.g. from scripts/make_photo_patches.py --size 64)")
         rows = bench_loader(a.root, a.res or 64, a.workers, a.batches)
+    elif a.section == "ema":
+        rows = bench_ema(a.repeats or 200)
     print("\n".join(rows))
 
 

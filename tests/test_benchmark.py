@@ -38,3 +38,12 @@ def test_profile_kernel_kinds():
     assert benchmark._kernel_kind("Memcpy DtoH (Device -> Pageable)") == "copies / layout"
     assert benchmark._kernel_kind("void at::native::vectorized_elementwise_kernel<4, GeluFunctor>") == \
         "elementwise and other"
+
+
+def test_ema_section_times_both_configs_and_counts_operators():
+    rows = benchmark.bench_ema(repeats=2)
+    assert rows[0].startswith("| config |") and len(rows) == 4
+    for row, config in zip(rows[2:], ["configs/digits.yaml", "configs/cifar10.yaml"], strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == config and int(cells[2]) > 10  # SN weights in G
+        assert float(cells[3]) > 0 and int(cells[4]) > 10 * int(cells[2])  # ms; at least 10 ops per SN weight

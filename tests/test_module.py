@@ -105,6 +105,38 @@ def test_ema_follows_warmup_formula():
     torch.testing.assert_close(model.g_ema.module.linear.parametrizations.weight.original, expected)
 
 
+def test_ema_keeps_its_own_spectral_norm_vectors_one_power_iteration_per_update():
+    """After the first update (a copy of G's), the EMA's SN vectors are its own: each update takes them one power
+    iteration, as torch's training-mode forward runs it, against the averaged weights; G's vectors never leak in."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _model()
+    model._update_ema()
+    g_uv = {k: v for k, v in model.generator.named_buffers() if k.endswith(("._u", "._v"))}
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for v in g_uv.values():
+            v.copy_(torch.nn.functional.normalize(torch.randn_like(v), dim=0))
+    expected = copy.deepcopy(model.g_ema.module)
+    model._update_ema()
+    for name, w in model.g_ema.module.named_parameters():  # the reference: the averaged weights ...
+        expected.get_parameter(name).data.copy_(w)
+    for m in expected.modules():  # ... and one training-mode forward of each parametrisation, from the old vectors
+        if hasattr(m, "parametrizations"):
+            m.parametrizations.weight.train()
+            _ = m.weight
+    uv = {k: v for k, v in model.g_ema.module.named_buffers() if k.endswith(("._u", "._v"))}
+    assert uv.keys() == g_uv.keys() and len(uv) > 10
+    for k, v in expected.named_buffers():
+        if k in uv:
+            assert torch.equal(uv[k], v), k
+            assert v.numel() == 1 or not torch.equal(uv[k], g_uv[k]), k  # a 1-vector is +-1 either way
+        else:  # BatchNorm statistics: G's
+            assert torch.equal(model.g_ema.module.get_buffer(k), model.generator.get_buffer(k)), k
+
+
 def test_ema_update_count_stays_on_the_host_when_the_module_moves():
     """On a GPU, AveragedModel's reads of its count would each wait for the queued kernels: the count stays put."""
     model = _model()
