@@ -302,9 +302,7 @@ def bench_ema(repeats: int) -> list[str]:
         hp.update(resolution=cfg["data"]["resolution"], img_channels=1 if "digits" in config else 3,
                   num_classes=classes)
         model = SAGAN(**hp).to(dev)
-        if hp.get("channels_last", True):
-            model.g_ema.to(memory_format=torch.channels_last)
-            model.generator.to(memory_format=torch.channels_last)
+        model.configure_model()  # channels_last, as in training
         times = []
         for i in range(repeats + 10):
             if dev.type == "cuda":
