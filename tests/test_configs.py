@@ -1,6 +1,8 @@
 """Every recipe config builds what its header claims, as its cited source has it: attention resolutions, widths,
 D steps, learning rates, betas, batch size, conditioning."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import yaml
@@ -71,3 +73,42 @@ def test_gpu_preset_stacks_on_an_experiment_and_sets_fast_math(capsys, monkeypat
     finally:
         torch.set_float32_matmul_precision(before)
         torch.backends.cudnn.allow_tf32 = True
+
+
+def test_folder_config_is_the_digits_recipe_without_skip_z(capsys):
+    """configs/folder32.yaml is the demo's small-data recipe for anyone's image folder: the same model section as
+    configs/digits.yaml but for skip_z (BENCHMARKS.md: on photographs it trades fidelity for variety), so a change to
+    the demo's recipe cannot silently leave the folder recipe behind. Mode seeking is lower (the weight README says
+    to start at) for the same reason."""
+    digits, folder = _resolved("digits.yaml", capsys), _resolved("folder32.yaml", capsys)
+    assert digits["model"]["skip_z"] is True and folder["model"]["skip_z"] is False
+    assert folder["model"]["mode_seeking"] == 0.1 < digits["model"]["mode_seeking"]
+    own = ("skip_z", "mode_seeking")
+    assert {k: v for k, v in folder["model"].items() if k not in own} == \
+        {k: v for k, v in digits["model"].items() if k not in own}
+    d = folder["data"]
+    assert d["dataset"] == "folder" and d["root"] is None and d["resolution"] == 32 and d["hflip"] is True
+    assert d["batch_size"] == digits["data"]["batch_size"] and folder["fid"]["every_n_steps"] == 0
+
+
+@pytest.mark.parametrize("layout", ["classes", "flat"])
+def test_folder_config_trains_on_a_class_folder_and_a_flat_one(tmp_path, layout):
+    from conftest import write_images
+
+    root = tmp_path / "images"
+    if layout == "classes":
+        write_images(root / "cat", 8, seed=1)
+        write_images(root / "dog", 8, seed=2)
+    else:
+        write_images(root, 16, seed=3)
+    args = ["fit", "--config", str(REPO / "configs/folder32.yaml"), "--output_root", str(tmp_path),
+            "--data.root", str(root), "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.max_steps", "4", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--attention_maps.every_n_steps", "0", "--samples.every_n_steps", "2"]
+    with pytest.warns(UserWarning, match="class_weight is ignored") if layout == "flat" else nullcontext():
+        assert run_cli(args) == 0
+    ckpt = torch.load(tmp_path / "folder32" / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["num_classes"] == (2 if layout == "classes" else 0) and hp["img_channels"] == 3
+    assert ckpt["sagan"]["g_steps"] == 2
+    assert (tmp_path / "folder32" / "samples" / "step_000002.png").is_file()
