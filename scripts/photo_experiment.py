@@ -8,7 +8,8 @@ features, so the features are those of a small CNN classifier trained by this sc
 (10 classes, seed 0; its held-out accuracy is printed): FID, precision/recall (k=3) and the per-class spread
 (mean pairwise feature distance within a class, generated / real) of 100 EMA samples per class against the
 training patches, the classifier's accuracy on the class asked for, and the floor (held-out patches). Numbers are
-comparable only within one run of this script (one classifier).
+comparable only within one run of this script (one classifier). ``--class-spread`` adds each class's spread:
+a class whose samples repeat one patch reads far below the real patches' figure (the floor row).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def score(net: PatchNet, f: torch.Tensor, y: torch.Tensor, real_f: torch.Tensor,
     sp = spread(f, y, n_cls) / real_spread
     acc = float((net.head(f).argmax(1) == y).float().mean())
     return {"fid": fid, "precision": float(precision), "recall": float(recall), "spread": float(sp.mean()),
-            "spread_min": float(sp.min()), "accuracy": acc}
+            "spread_min": float(sp.min()), "accuracy": acc, "class_spread": sp.tolist()}
 
 
 def main() -> None:
@@ -105,6 +106,8 @@ def main() -> None:
     p.add_argument("--data", required=True, help="folder with train/ and test/ class subfolders")
     p.add_argument("--ckpt", action="append", default=[], help="checkpoints to score (EMA generator)")
     p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--class-spread", action="store_true",
+                   help="also print each class's spread (generated over real): which classes repeat one patch")
     a = p.parse_args()
     x, y, classes = load_split(Path(a.data) / "train")
     tx, ty, _ = load_split(Path(a.data) / "test")
@@ -134,6 +137,11 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['fid']:.3f} | {r['fid'] / floor:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
               f"{r['spread']:.3f} | {r['accuracy']:.3f} |")
+    if a.class_spread:
+        print("\n| model | " + " | ".join(classes) + " |")
+        print("| --- |" + " ---: |" * n_cls)
+        for name, r in rows.items():
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in r["class_spread"]) + " |")
 
 
 if __name__ == "__main__":
