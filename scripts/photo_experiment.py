@@ -10,6 +10,12 @@ features, so the features are those of a small CNN classifier trained by this sc
 training patches, the classifier's accuracy on the class asked for, and the floor (held-out patches). Numbers are
 comparable only within one run of this script (one classifier). ``--class-spread`` adds each class's spread:
 a class whose samples repeat one patch reads far below the real patches' figure (the floor row).
+
+Unconditional generators (trained on the same patches as one flat folder) are scored on as many samples, each
+assigned to the class the feature classifier predicts: spread is then within predicted classes and accuracy is
+not defined (printed as -). Every row also gives the effective number of classes among the classifier's
+predictions, exp(entropy of the predicted-class histogram): a generator that drops or favours some kinds of patch
+reads below the floor row's figure.
 """
 
 from __future__ import annotations
@@ -80,25 +86,41 @@ def feats(net: PatchNet, x: torch.Tensor) -> torch.Tensor:
 
 
 def spread(f: torch.Tensor, y: torch.Tensor, n_cls: int) -> torch.Tensor:
+    """Each class's mean pairwise feature distance; NaN for a class with fewer than two members."""
     out = []
     for c in range(n_cls):
         fc = f[y == c]
-        out.append(torch.cdist(fc, fc).sum() / (len(fc) * (len(fc) - 1)))
+        out.append(torch.cdist(fc, fc).sum() / (len(fc) * (len(fc) - 1)) if len(fc) > 1 else torch.tensor(float("nan")))
     return torch.stack(out)
 
 
-def score(net: PatchNet, f: torch.Tensor, y: torch.Tensor, real_f: torch.Tensor, real_spread: torch.Tensor,
+def effective_classes(pred: torch.Tensor, n_cls: int) -> float:
+    """exp(entropy) of the histogram of predicted classes: n_cls for a uniform one, 1 when every sample is one class."""
+    p = torch.bincount(pred, minlength=n_cls).double() / len(pred)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def score(net: PatchNet, f: torch.Tensor, y: torch.Tensor | None, real_f: torch.Tensor, real_spread: torch.Tensor,
           n_cls: int) -> dict[str, float]:
+    """FID, precision/recall, spread, accuracy and effective classes of features ``f`` asked for classes ``y``
+    (None: an unconditional generator; its samples are grouped by the predicted class and accuracy is NaN)."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_full
 
     fid = fid_statistics_to_metric(fid_features_to_statistics(f.double()),
                                    fid_features_to_statistics(real_f.double()), False)["frechet_inception_distance"]
     precision, recall = calculate_precision_recall_full(f, real_f, 3)
-    sp = spread(f, y, n_cls) / real_spread
-    acc = float((net.head(f).argmax(1) == y).float().mean())
-    return {"fid": fid, "precision": float(precision), "recall": float(recall), "spread": float(sp.mean()),
-            "spread_min": float(sp.min()), "accuracy": acc, "class_spread": sp.tolist()}
+    pred = net.head(f).argmax(1)
+    acc = float((pred == y).float().mean()) if y is not None else float("nan")
+    sp = spread(f, y if y is not None else pred, n_cls) / real_spread
+    return {"fid": fid, "precision": float(precision), "recall": float(recall), "spread": float(sp.nanmean()),
+            "spread_min": float(sp[~sp.isnan()].min()), "accuracy": acc, "class_spread": sp.tolist(),
+            "effective_classes": effective_classes(pred, n_cls)}
+
+
+def _num(v: float, fmt: str = ".3f") -> str:
+    return "-" if v != v else format(v, fmt)
 
 
 def main() -> None:
@@ -126,22 +148,26 @@ def main() -> None:
     for ck in a.ckpt:
         g = generator_from_checkpoint(ck)
         gen = torch.Generator().manual_seed(0)
+        conditional = g.num_classes > 0
+        if conditional and g.num_classes != n_cls:
+            sys.exit(f"{ck}: the generator has {g.num_classes} classes, the data {n_cls}: score it on its own data")
         labels = torch.arange(n_cls).repeat(a.per_class)
         z = torch.randn(len(labels), g.z_dim, generator=gen)
         with torch.no_grad():
-            imgs = torch.cat([to_uint8(g(zb, yb)) for zb, yb in zip(z.split(100), labels.split(100))])
-        rows[ck] = score(net, feats(net, imgs), labels, real_f, real_spread, n_cls)
+            imgs = torch.cat([to_uint8(g(zb, yb if conditional else None))
+                              for zb, yb in zip(z.split(100), labels.split(100))])
+        rows[ck] = score(net, feats(net, imgs), labels if conditional else None, real_f, real_spread, n_cls)
     floor = rows["real held-out (floor)"]["fid"]
-    print("| model | FID | x floor | precision | recall | spread | accuracy |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | FID | x floor | precision | recall | spread | accuracy | classes (effective) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         print(f"| {name} | {r['fid']:.3f} | {r['fid'] / floor:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{r['spread']:.3f} | {r['accuracy']:.3f} |")
+              f"{r['spread']:.3f} | {_num(r['accuracy'])} | {r['effective_classes']:.2f} |")
     if a.class_spread:
         print("\n| model | " + " | ".join(classes) + " |")
         print("| --- |" + " ---: |" * n_cls)
         for name, r in rows.items():
-            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in r["class_spread"]) + " |")
+            print(f"| {name} | " + " | ".join(_num(v, ".2f") for v in r["class_spread"]) + " |")
 
 
 if __name__ == "__main__":
