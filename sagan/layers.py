@@ -106,6 +106,25 @@ def refresh_spectral_norm(module: nn.Module, n_iterations: int = 1) -> None:
                 p.train(was_training)
 
 
+def minibatch_stddev(x: Tensor, group: int) -> Tensor:
+    """Minibatch standard deviation (Karras et al. 2018, ProGAN, section 3): one more channel holding, for each
+    group of ``group`` consecutive samples, the standard deviation of every feature over the group, averaged over
+    features and positions. A discriminator that sees it can tell a batch of near-copies from a varied one, which
+    pushes the generator to cover more of the data (against mode dropping in unconditional models).
+
+    Groups are consecutive samples (not strided as in StyleGAN), so a batch laid out as ``cat([real, fake])`` with
+    each half a multiple of ``group`` never mixes real and generated images in one group.
+    (B, C, H, W) -> (B, C + 1, H, W).
+    """
+    b, c, h, w = x.shape
+    if b % group:
+        raise ValueError(f"minibatch stddev: the batch of {b} is not a multiple of the group size {group}")
+    grouped = x.reshape(b // group, group, c, h, w)  # (B/G, G, C, H, W)
+    std = (grouped.float().var(dim=1, unbiased=False) + 1e-8).sqrt()  # (B/G, C, H, W)
+    stat = std.mean(dim=(1, 2, 3)).to(x.dtype).repeat_interleave(group)  # (B,)
+    return torch.cat([x, stat.view(b, 1, 1, 1).expand(b, 1, h, w)], dim=1)
+
+
 class SelfAttention2d(nn.Module):
     """SAGAN self-attention block (Zhang et al. 2019, section 3; official ``sn_non_local_block_sim``).
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .layers import ConditionalBatchNorm2d, SelfAttention2d, sn_conv2d, sn_embedding, sn_linear
+from .layers import ConditionalBatchNorm2d, SelfAttention2d, minibatch_stddev, sn_conv2d, sn_embedding, sn_linear
 
 SUPPORTED_RESOLUTIONS = (32, 64, 128)
 
@@ -202,6 +202,9 @@ class Discriminator(nn.Module):
     classifier of AC-GAN, Odena et al. 2017), read by :class:`~sagan.module.SAGAN` when ``class_weight > 0``;
     ``twin_classifier``: a second one of the same shape, the twin auxiliary classifier of TAC-GAN (Gong et al. 2019),
     which :class:`~sagan.module.SAGAN` trains on generated images (``class_twin``).
+    ``mbstd_group``: a minibatch standard deviation channel (:func:`~sagan.layers.minibatch_stddev`, ProGAN) over
+    groups of this many consecutive samples, fed to the last block (0 = none, the paper's SAGAN); every batch D sees
+    must then be a multiple of it.
     """
 
     def __init__(
@@ -214,9 +217,12 @@ class Discriminator(nn.Module):
         img_channels: int = 3,
         aux_classifier: bool = False,
         twin_classifier: bool = False,
+        mbstd_group: int = 0,
     ) -> None:
         super().__init__()
         check_resolution(resolution)
+        if mbstd_group < 0:
+            raise ConfigError(f"mbstd_group must be >= 0 (0 = no minibatch stddev), got {mbstd_group}")
         n_down = D_DOWNSAMPLES[resolution]
         mult = tuple(ch_mult) if ch_mult is not None else D_CH_MULT[resolution]
         if len(mult) < n_down:
@@ -228,12 +234,14 @@ class Discriminator(nn.Module):
         block_res = [resolution // 2 ** min(i + 1, n_down) for i in range(len(mult))]
         _check_attn("discriminator", attn, block_res)
         self.resolution, self.num_classes, self.img_channels = resolution, num_classes, img_channels
+        self.mbstd_group = mbstd_group
         chans = [img_channels] + [ch * m for m in mult]
         self.blocks = nn.ModuleList()
         self.attn = nn.ModuleDict()  # block index -> attention after that block
         self.attn_resolution: dict[str, int] = {}
         for i in range(len(mult)):
-            self.blocks.append(DBlock(chans[i], chans[i + 1], downsample=i < n_down, first=i == 0))
+            extra = 1 if mbstd_group and i == len(mult) - 1 else 0  # the minibatch stddev channel
+            self.blocks.append(DBlock(chans[i] + extra, chans[i + 1], downsample=i < n_down, first=i == 0))
             if block_res[i] in attn and block_res[i] not in self.attn_resolution.values():  # once per resolution
                 self.attn[str(i)] = SelfAttention2d(chans[i + 1])
                 self.attn_resolution[str(i)] = block_res[i]
@@ -257,6 +265,8 @@ class Discriminator(nn.Module):
             raise ValueError("this discriminator is class-conditional: pass class labels y of shape (B,)")
         h = x
         for i, block in enumerate(self.blocks):
+            if self.mbstd_group and i == len(self.blocks) - 1:
+                h = minibatch_stddev(h, self.mbstd_group)  # (B, C + 1, H, W)
             h = block(h)
             if str(i) in self.attn:
                 h = self.attn[str(i)](h)

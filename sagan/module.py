@@ -117,6 +117,10 @@ class SAGAN(pl.LightningModule):
         skip_z: BigGAN's hierarchical latent (Brock et al. 2019, "skip-z"): z is split into one chunk for G's input
             layer and one per block, and each block's (conditional) BatchNorm gains and biases also depend on its
             chunk, so the latent reaches every resolution directly instead of only through the 4x4 input.
+        mbstd_group: a minibatch standard deviation channel in D (Karras et al. 2018, ProGAN; 0 = off, the paper's
+            SAGAN): before D's last block, the spread of each group of this many images (real and generated never
+            share a group) as one more feature map, so D can see a batch of near-copies. Against mode dropping of
+            unconditional models; data.batch_size must be a multiple of it.
         loss: 'hinge' (SAGAN) or 'nonsaturating'.
         n_dis: discriminator steps per generator step.
         lr_g, lr_d: Adam learning rates (TTUR).
@@ -186,6 +190,7 @@ class SAGAN(pl.LightningModule):
         d_attn: Sequence[int] | None = None,
         cbn_sn: bool = False,
         skip_z: bool = False,
+        mbstd_group: int = 0,
         loss: Literal["hinge", "nonsaturating"] = "hinge",
         n_dis: int = 1,
         lr_g: float = 1e-4,
@@ -218,6 +223,8 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
         if cond_ramp is not None and not (len(cond_ramp) == 2 and 0 <= cond_ramp[0] <= cond_ramp[1]):
             raise ConfigError(f"model.cond_ramp must be [start, end] iterations with 0 <= start <= end, got {cond_ramp}")
+        if mbstd_group < 0:
+            raise ConfigError(f"model.mbstd_group must be >= 0 (0 = off, e.g. 4), got {mbstd_group}")
         if mode_seeking < 0:
             raise ConfigError(f"model.mode_seeking must be >= 0, got {mode_seeking}")
         if ema_bn_samples < 0:
@@ -244,7 +251,8 @@ class SAGAN(pl.LightningModule):
         self.class_weight = class_weight if n_cls > 0 else 0.0
         self.discriminator = Discriminator(resolution, d_ch, d_ch_mult, d_attn, n_cls, img_channels,
                                            aux_classifier=self.class_weight > 0,
-                                           twin_classifier=self.class_weight > 0 and class_twin)
+                                           twin_classifier=self.class_weight > 0 and class_twin,
+                                           mbstd_group=mbstd_group)
         self.g_ema = EMAGenerator(self.generator, ema_decay, ema_warmup)
         self.g_ema.requires_grad_(False)
         self.nets = TrainingNetworks(self.generator, self.discriminator, compile)  # DDP wrappers / compiled graphs
@@ -542,6 +550,11 @@ class SAGAN(pl.LightningModule):
                 "network), or --trainer.strategy ddp_find_unused_parameters_true"
             )
 
+        group, batch = self.hparams.get("mbstd_group", 0), getattr(self.trainer.datamodule, "batch_size", None)
+        if group and batch is not None and batch % group:
+            raise ConfigError(f"model.mbstd_group={group} needs data.batch_size to be a multiple of it, got "
+                              f"{batch}: change either")
+
     def on_train_start(self) -> None:
         seed_step(run_seed(), self.global_rank, self.counters.batches_seen)  # the random streams of the next batch
 
@@ -549,8 +562,8 @@ class SAGAN(pl.LightningModule):
         seed_step(run_seed(), self.global_rank, self.counters.batches_seen)
 
     ARCHITECTURE_KEYS = ("resolution", "img_channels", "num_classes", "conditional", "z_dim", "g_ch", "d_ch",
-                         "g_ch_mult", "d_ch_mult", "g_attn", "d_attn", "cbn_sn", "skip_z")
-    LEGACY_DEFAULTS = {"cbn_sn": True, "skip_z": False}  # what checkpoints written before a key existed used
+                         "g_ch_mult", "d_ch_mult", "g_attn", "d_attn", "cbn_sn", "skip_z", "mbstd_group")
+    LEGACY_DEFAULTS = {"cbn_sn": True, "skip_z": False, "mbstd_group": 0}  # what checkpoints written before a key existed used
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sagan"] = self.counters.state_dict()  # no random state: see checkpointing.seed_step

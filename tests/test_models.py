@@ -4,7 +4,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sagan.errors import ConfigError
-from sagan.layers import SelfAttention2d, refresh_spectral_norm
+from sagan.layers import SelfAttention2d, minibatch_stddev, refresh_spectral_norm
 from sagan.models import Discriminator, Generator, attention_layers
 
 
@@ -159,3 +159,39 @@ def test_hierarchical_latent_feeds_each_block_its_own_chunk_of_z(num_classes):
     assert all(parametrize.is_parametrized(m, "weight") for m in g.modules() if isinstance(m, nn.Linear))
     with pytest.raises(ConfigError, match="skip_z.*z_dim >= 4"):
         Generator(32, z_dim=3, ch=8, skip_z=True)
+
+
+def test_minibatch_stddev_is_per_group_of_consecutive_samples():
+    """ProGAN's minibatch stddev: one extra channel, constant over positions, the same for every member of a group
+    of consecutive samples, near 0 for a group of copies, and blind to samples outside the group (so a batch laid
+    out as cat([real, fake]) never mixes the two)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 4, 4)
+    x[4:] = x[4]  # the second group: four copies
+    out = minibatch_stddev(x, 4)
+    assert out.shape == (8, 6, 4, 4) and torch.equal(out[:, :5], x)
+    stat = out[:, 5]
+    assert torch.all(stat == stat[:, :1, :1])  # constant over positions
+    assert torch.all(stat[:4] == stat[0]) and stat[0, 0, 0] > 0.5  # one value per group
+    assert torch.all(stat[4:] < 1e-3)  # copies have no spread
+    changed = x.clone()
+    changed[6] += 1.0  # change a sample of the second group only
+    again = minibatch_stddev(changed, 4)[:, 5]
+    assert torch.equal(again[:4], stat[:4]) and again[4, 0, 0] > 0.1
+    with pytest.raises(ValueError, match="not a multiple of the group size 4"):
+        minibatch_stddev(x[:6], 4)
+
+
+def test_discriminator_with_minibatch_stddev_sees_its_group():
+    torch.manual_seed(0)
+    d = Discriminator(32, ch=8, mbstd_group=2).eval()
+    assert d.blocks[-1].conv1.in_channels == d.blocks[-2].conv2.out_channels + 1
+    x = torch.randn(4, 3, 32, 32)
+    logits = d(x)
+    moved = x.clone()
+    moved[1] += 0.5  # the partner of sample 0 in its group of two
+    again = d(moved)
+    assert again[0] != logits[0]  # sample 0's logit depends on its partner ...
+    assert torch.equal(again[2:], logits[2:])  # ... and the other group's do not
+    with pytest.raises(ConfigError, match="mbstd_group must be >= 0"):
+        Discriminator(32, ch=8, mbstd_group=-1)

@@ -598,3 +598,28 @@ def test_hierarchical_latent_checkpoints_rebuild_the_same_generator(tmp_path):
     torch.testing.assert_close(g(z, y), model.g_ema.module(z, y))
     with pytest.raises(CheckpointError, match="skip_z=True in the checkpoint vs False here"):
         _model(n_dis=1).on_load_checkpoint(ckpt)
+
+
+def test_minibatch_stddev_trains_and_checks_the_batch_size(tmp_path):
+    """model.mbstd_group: D gets the extra channel and trains; a batch size that is not a multiple of the group is
+    one clear error at the start of fit, before any step."""
+    torch.manual_seed(0)
+    model = _model(mbstd_group=2)
+    d0 = _params(model.discriminator)
+    _fit(model, max_steps=2, tmp_path=tmp_path)
+    assert model.g_steps == 1 and _changed(d0, model.discriminator)
+
+    class Data(pl.LightningDataModule):
+        batch_size = 4
+
+        def train_dataloader(self) -> DataLoader:
+            return _loader(batch=4)
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    model = _model(mbstd_group=3)
+    with pytest.raises(ConfigError, match=r"model.mbstd_group=3 needs data.batch_size to be a multiple of it, got 4"):
+        trainer.fit(model, datamodule=Data())
+    assert model.d_steps == 0
+    with pytest.raises(ConfigError, match="model.mbstd_group must be >= 0"):
+        _model(mbstd_group=-1)
