@@ -10,6 +10,7 @@
     python scripts/benchmark.py fid [--sizes 1000 10000] [--weights PATH]
     python scripts/benchmark.py loader --root data/photos64/train [--res 64] [--workers 0 1 2] [--batches 60]
     python scripts/benchmark.py ema [--repeats 200]
+    python scripts/benchmark.py reuse [--steps 150] [--repeats 3]
 
 Sections:
   attention attention block (SelfAttention2d: its 1x1 convs, pooling and output projection included) forward +
@@ -47,6 +48,9 @@ Sections:
             but for the EMA's own spectral-norm vectors, one power iteration of those) for the digits and CIFAR-10
             configs' G: median of --repeats after a warm-up, and the torch operators one update dispatches
             (torch.profiler's aten:: events, nested ones included; the host work that bounds a small GPU step).
+  reuse     iteration time of the digits config (``make demo``'s recipe, its data, no logger) with
+            ``model.reuse_fakes`` off (the G step draws fresh images) and on (it trains on the D step's); runs
+            alternate (off, on, off, on, ...), mean iteration time after a warm-up, the ratio per pair.
 """
 
 from __future__ import annotations
@@ -212,6 +216,57 @@ def bench_logging(steps: int, interval: int, warmup: int = 20) -> list[str]:
         f"| WandbLogger, `self.log` on every batch (before) | {t2 * 1e3:.1f} | {', '.join(f'{x * 1e3:.1f}' for x in every)} |",
         f"overhead of W&B logging: {100 * (t1 - t0) / t0:+.1f}% per training step; logging on every batch "
         f"instead of the logged ones: {100 * (t2 - t1) / t1:+.1f}%",
+    ]
+
+
+def bench_reuse(steps: int, repeats: int, warmup: int = 20) -> list[str]:
+    import statistics
+
+    import pytorch_lightning as pl
+    import yaml
+
+    from sagan.data import SAGANData
+    from sagan.module import SAGAN
+
+    cfg = yaml.safe_load((REPO / "configs/digits.yaml").read_text())
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.t.append(time.perf_counter())
+
+    def run(reuse: bool, work: Path) -> float:
+        pl.seed_everything(0, verbose=False)
+        dm = SAGANData(**cfg["data"])
+        model = SAGAN(resolution=32, img_channels=dm.channels, num_classes=dm.num_classes,
+                      **{**cfg["model"], "reuse_fakes": reuse})
+        timer = StepTimer()
+        trainer = pl.Trainer(accelerator="cpu", max_steps=2 * steps, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                             default_root_dir=str(work))
+        trainer.fit(model, dm)
+        dt = [b - a for a, b in zip(timer.t[warmup:], timer.t[warmup + 1:])]
+        return statistics.fmean(dt)
+
+    work = Path(tempfile.mkdtemp(prefix="sagan-bench-"))
+    try:
+        off, on = [], []
+        for _ in range(repeats):
+            off.append(run(False, work))
+            on.append(run(True, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = [a / b for a, b in zip(off, on)]
+    return [
+        f"digits config (make demo's recipe), {steps} iterations per run, mean iteration time after {warmup} "
+        f"warm-up iterations, {repeats} runs each, alternating",
+        "| reuse_fakes | mean iteration (ms) | runs (ms) |", "| --- | ---: | ---: |",
+        f"| off (fresh images for the G step) | {statistics.fmean(off) * 1e3:.1f} | "
+        f"{', '.join(f'{x * 1e3:.1f}' for x in off)} |",
+        f"| on (the D step's images) | {statistics.fmean(on) * 1e3:.1f} | {', '.join(f'{x * 1e3:.1f}' for x in on)} |",
+        f"speed-up per pair (off / on): {', '.join(f'{r:.3f}x' for r in ratios)}; mean {statistics.fmean(ratios):.3f}x",
     ]
 
 
@@ -643,7 +698,8 @@ def bench_ddp(iters: int, warmup: int = 5) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "loader", "ema", "_attn_case",
+    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "loader", "ema", "reuse",
+                                       "_attn_case",
                                        "_train_case", "_ddp_case"])
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--res", type=int)
@@ -704,6 +760,8 @@ def main() -> None:
         rows = bench_loader(a.root, a.res or 64, a.workers, a.batches)
     elif a.section == "ema":
         rows = bench_ema(a.repeats or 200)
+    elif a.section == "reuse":
+        rows = bench_reuse(a.steps, a.repeats or 3)
     print("\n".join(rows))
 
 

@@ -2,7 +2,7 @@
 writes its full model state to OUT/rank<r>.pt. (SyncBatchNorm needs GPUs, so --sync-bn only applies there.) Driven by tests/test_ddp.py; latents are a deterministic function
 of (iteration, global sample index), so N x B and 1 x (N*B) see the same samples and the same noise.
 
-    python tests/ddp_script.py --devices 2 --batch 8 --steps 8 --out DIR [--sync-bn] [--plain-noise]
+    python tests/ddp_script.py --devices 2 --batch 8 --steps 8 --out DIR [--sync-bn] [--plain-noise] [--reuse-fakes]
 """
 
 import argparse
@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--plain-noise", action="store_true", help="the module's own per-rank noise")
+    p.add_argument("--reuse-fakes", action="store_true", help="model.reuse_fakes: the G step trains on the D step's images")
     p.add_argument("--freeze-bn", action="store_true", help="G's BatchNorm in eval mode (no batch coupling)")
     p.add_argument("--long", action="store_true", help="train (nearly) forever, for kill tests")
     p.add_argument("--prepared", help="train on this prepared set instead of the digits")
@@ -92,7 +93,7 @@ def main() -> None:
         dm = SAGANData("digits", resolution=32, batch_size=a.batch)
     cls = SAGAN if a.plain_noise else FrozenBNSharedNoiseSAGAN if a.freeze_bn else SharedNoiseSAGAN
     model = cls(resolution=32, img_channels=dm.channels, num_classes=max(dm.num_classes, 10), z_dim=16, g_ch=8,
-                d_ch=8, n_dis=1, conditional=dm.num_classes > 0)
+                d_ch=8, n_dis=1, conditional=dm.num_classes > 0, reuse_fakes=a.reuse_fakes)
     strategy = GANDDPStrategy(process_group_backend="gloo") if a.devices > 1 else "auto"
     callbacks = [DumpState(Path(a.out), record_indices=bool(a.prepared))]
     if a.fail_rank is not None:

@@ -21,8 +21,10 @@ BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @pytest.mark.timeout(600)
-def test_ranks_hold_identical_weights_ema_and_buffers(tmp_path):
-    _run(tmp_path, "--devices", "2", "--batch", "8", "--steps", "8", "--plain-noise")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_ranks_hold_identical_weights_ema_and_buffers(tmp_path, reuse):
+    """Also with reuse_fakes, where G's DDP forward runs before the D step and its backward in the G step."""
+    _run(tmp_path, "--devices", "2", "--batch", "8", "--steps", "8", "--plain-noise", *(["--reuse-fakes"] * reuse))
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["g_steps"] == r1["g_steps"] == 4

@@ -56,10 +56,10 @@ def test_generator_step_changes_g_but_not_d(tmp_path, monkeypatch):
     seen = {}
     orig = SAGAN.g_step
 
-    def spy(self, batch_size):
+    def spy(self, batch_size, *args):
         d_before, g_before = _params(self.discriminator), _params(self.generator)
         grads_before = [None if p.grad is None else p.grad.clone() for p in self.discriminator.parameters()]
-        out = orig(self, batch_size)
+        out = orig(self, batch_size, *args)
         seen["d_changed"] = _changed(d_before, self.discriminator)
         seen["g_changed"] = _changed(g_before, self.generator)
         seen["d_grads_same"] = all(
@@ -249,10 +249,11 @@ def test_checkpoint_roundtrip_keeps_counters_and_noise(tmp_path):
         assert torch.equal(a, b), k
 
 
-def _paper_iterations(model: SAGAN, batches: list, channels_last: bool) -> None:
+def _paper_iterations(model: SAGAN, batches: list, channels_last: bool, reuse_fakes: bool = False) -> None:
     """SAGAN's training iteration written out plainly (hinge loss, Adam, one D step then one G step with D's
     spectral-norm vectors held, then the EMA): what the module must do, bit for bit, when augmentation and LeCam
-    are off. Batch k draws its latents from the stream seeded by (run seed, rank 0, k)."""
+    are off. Batch k draws its latents from the stream seeded by (run seed, rank 0, k). ``reuse_fakes``: the G
+    step trains on the D step's images (DCGAN's example), drawn once with their graph."""
     from sagan.checkpointing import run_seed, seed_step
 
     hp = model.hparams
@@ -267,17 +268,19 @@ def _paper_iterations(model: SAGAN, batches: list, channels_last: bool) -> None:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         z, y_fake = torch.randn(len(x), hp.z_dim), torch.randint(0, model.num_classes, (len(x),))
-        with torch.no_grad():
+        with torch.set_grad_enabled(reuse_fakes):
             fake = g(z, y_fake)
-        logits = d(torch.cat([x, fake]), torch.cat([y, y_fake]))
+        logits = d(torch.cat([x, fake.detach()]), torch.cat([y, y_fake]))
         loss_d = torch.relu(1 - logits[: len(x)]).mean() + torch.relu(1 + logits[len(x):]).mean()
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        z, y_fake = torch.randn(len(x), hp.z_dim), torch.randint(0, model.num_classes, (len(x),))
+        if not reuse_fakes:
+            z, y_fake = torch.randn(len(x), hp.z_dim), torch.randint(0, model.num_classes, (len(x),))
+            fake = g(z, y_fake)
         d.requires_grad_(False)
         d.eval()  # spectral-norm vectors of D move once per D step
-        loss_g = -d(g(z, y_fake), y_fake).mean()
+        loss_g = -d(fake, y_fake).mean()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -286,12 +289,13 @@ def _paper_iterations(model: SAGAN, batches: list, channels_last: bool) -> None:
         model._update_ema()
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_training_without_augmentation_or_lecam_is_the_plain_sagan_step_bit_for_bit(tmp_path, channels_last):
+@pytest.mark.parametrize("channels_last,reuse_fakes", [(False, False), (True, False), (True, True)])
+def test_training_without_augmentation_or_lecam_is_the_plain_sagan_step_bit_for_bit(tmp_path, channels_last,
+                                                                                    reuse_fakes):
     import copy
 
     torch.manual_seed(0)
-    model = _model(n_dis=1, channels_last=channels_last)
+    model = _model(n_dis=1, channels_last=channels_last, reuse_fakes=reuse_fakes)
     assert model.hparams.augment == "" and model.hparams.lecam_weight == 0.0  # the defaults: off
     reference = copy.deepcopy(model)
     loader = DataLoader(_loader().dataset, batch_size=4, generator=torch.Generator().manual_seed(0))
@@ -301,7 +305,7 @@ def test_training_without_augmentation_or_lecam_is_the_plain_sagan_step_bit_for_
     trainer.fit(model, loader)
     assert model.g_steps == 3
     torch.manual_seed(1)
-    _paper_iterations(reference, [next(it) for it in [iter(loader)] for _ in range(3)], channels_last)
+    _paper_iterations(reference, [next(it) for it in [iter(loader)] for _ in range(3)], channels_last, reuse_fakes)
     for (k, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
@@ -325,9 +329,9 @@ def test_augmentation_sees_every_image_d_sees_and_passes_gradients_to_g(tmp_path
     seen = {}
     orig_g_step = SAGAN.g_step
 
-    def g_step(self, batch_size):
+    def g_step(self, batch_size, *args):
         before = _params(self.generator)
-        out = orig_g_step(self, batch_size)
+        out = orig_g_step(self, batch_size, *args)
         seen["g_changed"] = _changed(before, self.generator)
         seen["grad"] = self.generator.linear.parametrizations.weight.original.grad
         return out
@@ -416,7 +420,7 @@ def test_match_real_mode_seeking_tracks_real_distance_in_d_features_and_charges_
     model.discriminator.forward = spy
     g_losses = []
     g_step = model.g_step
-    model.g_step = lambda batch_size: g_losses.append(g_step(batch_size)) or g_losses[-1]
+    model.g_step = lambda batch_size, *a: g_losses.append(g_step(batch_size, *a)) or g_losses[-1]
     monkeypatch.setattr(sagan.module, "diversity_match_reg", lambda feats, target: feats.sum() * 0 + 1000.0)
     _fit(model, max_steps=6, tmp_path=tmp_path)
     seen = [d for d in seen if not d.isnan()]
@@ -445,7 +449,7 @@ def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_sam
     monkeypatch.setattr(sagan.module.F, "cross_entropy", spy)
     batches, d_outs, g_labels = [], [], []
     d_step = model.d_step
-    model.d_step = lambda x, y: batches.append(y.clone()) or d_step(x, y)
+    model.d_step = lambda x, y, *a: batches.append(y.clone()) or d_step(x, y, *a)
     d_forward = model.discriminator.forward
 
     def d_spy(x, y=None, return_features=False):
@@ -459,7 +463,7 @@ def test_auxiliary_classifier_learns_real_classes_in_d_and_charges_g_for_its_sam
     model.discriminator.forward = d_spy
     g_logs = []
     g_step = model.g_step
-    model.g_step = lambda batch_size: g_logs.append(g_step(batch_size)) or g_logs[-1]
+    model.g_step = lambda batch_size, *a: g_logs.append(g_step(batch_size, *a)) or g_logs[-1]
     _fit(model, max_steps=4, tmp_path=tmp_path)  # two D steps and two G steps
     d_calls = [c for c in calls if c[0]]
     g_calls = [c for c in calls if not c[0]]
@@ -503,8 +507,8 @@ def test_twin_classifier_learns_generated_classes_and_g_pays_the_difference(tmp_
     monkeypatch.setattr(sagan.module.F, "cross_entropy", spy)
     logs = []
     d_step, g_step = model.d_step, model.g_step
-    model.d_step = lambda x, y: logs.append(("d", d_step(x, y))) or logs[-1][1]
-    model.g_step = lambda batch_size: logs.append(("g", g_step(batch_size))) or logs[-1][1]
+    model.d_step = lambda x, y, *a: logs.append(("d", d_step(x, y, *a))) or logs[-1][1]
+    model.g_step = lambda batch_size, *a: logs.append(("g", g_step(batch_size, *a))) or logs[-1][1]
     _fit(model, max_steps=4, tmp_path=tmp_path)  # two D steps and two G steps
     assert [(h, t) for h, t, _ in calls] == [("aux", True), ("twin", True), ("aux", False), ("twin", False)] * 2
     d_labels = [y for training, _, y in outs if training]
@@ -623,3 +627,41 @@ def test_minibatch_stddev_trains_and_checks_the_batch_size(tmp_path):
     assert model.d_steps == 0
     with pytest.raises(ConfigError, match="model.mbstd_group must be >= 0"):
         _model(mbstd_group=-1)
+
+
+@pytest.mark.parametrize("n_dis", [1, 2])
+def test_reuse_fakes_runs_g_once_per_iteration_fewer(tmp_path, monkeypatch, n_dis):
+    """reuse_fakes: the G step trains on exactly the images the D step before it showed D (with mode seeking's
+    same-class pairs), so each iteration runs G forward once fewer; the other D steps of n_dis draw as before."""
+    from sagan.models import Generator
+
+    seen = {"g_forwards": 0, "d_fakes": [], "g_fakes": []}
+    real_forward = Generator.forward
+
+    def count(self, *args, **kwargs):
+        seen["g_forwards"] += self is model.generator
+        return real_forward(self, *args, **kwargs)
+
+    orig_d, orig_g = SAGAN.d_step, SAGAN.g_step
+
+    def d_step(self, x, y, drawn=None):
+        seen["d_fakes"].append(None if drawn is None else drawn[2].detach().clone())
+        return orig_d(self, x, y, drawn)
+
+    def g_step(self, batch_size, drawn=None):
+        assert drawn is not None and drawn[2].requires_grad  # G's graph reaches the G step
+        assert torch.equal(drawn[1][:2], drawn[1][2:4])  # mode seeking's pairs: the same classes
+        seen["g_fakes"].append(drawn[2].detach().clone())
+        return orig_g(self, batch_size, drawn)
+
+    monkeypatch.setattr(Generator, "forward", count)
+    monkeypatch.setattr(SAGAN, "d_step", d_step)
+    monkeypatch.setattr(SAGAN, "g_step", g_step)
+    torch.manual_seed(0)
+    model = _model(n_dis=n_dis, reuse_fakes=True, mode_seeking=0.3)
+    _fit(model, max_steps=3 * (n_dis + 1), tmp_path=tmp_path)  # 3 iterations
+    assert model.g_steps == 3 and model.d_steps == 3 * n_dis
+    assert seen["g_forwards"] == 3 * n_dis  # fresh: 3 * (n_dis + 1)
+    reused = [f for f in seen["d_fakes"] if f is not None]
+    assert len(reused) == 3 and all(torch.equal(a, b) for a, b in zip(reused, seen["g_fakes"]))
+    assert seen["d_fakes"][: n_dis - 1] == [None] * (n_dis - 1)
