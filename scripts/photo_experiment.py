@@ -9,7 +9,8 @@ features, so the features are those of a small CNN classifier trained by this sc
 (mean pairwise feature distance within a class, generated / real) of 100 EMA samples per class against the
 training patches, the classifier's accuracy on the class asked for, and the floor (held-out patches). Numbers are
 comparable only within one run of this script (one classifier). ``--class-spread`` adds each class's spread:
-a class whose samples repeat one patch reads far below the real patches' figure (the floor row).
+a class whose samples repeat one patch reads far below the real patches' figure (the floor row). ``--histogram``
+adds how many samples of each row the classifier assigns to each class.
 
 Unconditional generators (trained on the same patches as one flat folder) are scored on as many samples, each
 assigned to the class the feature classifier predicts: spread is then within predicted classes and accuracy is
@@ -116,7 +117,7 @@ def score(net: PatchNet, f: torch.Tensor, y: torch.Tensor | None, real_f: torch.
     sp = spread(f, y if y is not None else pred, n_cls) / real_spread
     return {"fid": fid, "precision": float(precision), "recall": float(recall), "spread": float(sp.nanmean()),
             "spread_min": float(sp[~sp.isnan()].min()), "accuracy": acc, "class_spread": sp.tolist(),
-            "effective_classes": effective_classes(pred, n_cls)}
+            "effective_classes": effective_classes(pred, n_cls), "histogram": torch.bincount(pred, minlength=n_cls).tolist()}
 
 
 def _num(v: float, fmt: str = ".3f") -> str:
@@ -130,6 +131,9 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--class-spread", action="store_true",
                    help="also print each class's spread (generated over real): which classes repeat one patch")
+    p.add_argument("--histogram", action="store_true",
+                   help="also print how many samples the feature classifier assigns to each class: which kinds of "
+                        "image an unconditional generator drops")
     a = p.parse_args()
     x, y, classes = load_split(Path(a.data) / "train")
     tx, ty, _ = load_split(Path(a.data) / "test")
@@ -168,6 +172,11 @@ def main() -> None:
         print("| --- |" + " ---: |" * n_cls)
         for name, r in rows.items():
             print(f"| {name} | " + " | ".join(_num(v, ".2f") for v in r["class_spread"]) + " |")
+    if a.histogram:
+        print("\n| model (samples per predicted class) | " + " | ".join(classes) + " |")
+        print("| --- |" + " ---: |" * n_cls)
+        for name, r in rows.items():
+            print(f"| {name} | " + " | ".join(str(v) for v in r["histogram"]) + " |")
 
 
 if __name__ == "__main__":

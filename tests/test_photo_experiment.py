@@ -48,16 +48,30 @@ def _fit_and_score(tmp_path, data, train_root, name):
     assert run_cli(args) == 0
     ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
     out = subprocess.run([sys.executable, str(REPO / "scripts/photo_experiment.py"), "--data", str(data),
-                          "--ckpt", str(ckpt), "--per-class", "6", "--class-spread"],
+                          "--ckpt", str(ckpt), "--per-class", "6", "--class-spread", "--histogram"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     row = next(line for line in lines if line.startswith(f"| {ckpt} | "))
     assert row.count("|") == 9  # FID .. effective classes
     header = next(i for i, line in enumerate(lines) if line.startswith("| model | cat | dog |"))
-    rows = {line.split(" | ")[0][2:]: line for line in lines[header + 2:] if line.startswith("| ")}
+    rows = {}
+    for line in lines[header + 2:]:
+        if not line.startswith("| "):
+            break
+        rows[line.split(" | ")[0][2:]] = line
     assert set(rows) == {"real held-out (floor)", str(ckpt)}
-    return row.strip(" |").split(" | ")[1:], rows[str(ckpt)].strip(" |").split(" | ")[1:]
+    cells = row.strip(" |").split(" | ")[1:]
+    hist_at = next(i for i, line in enumerate(lines) if line.startswith("| model (samples per predicted class) | cat | dog |"))
+    hist = {line.split(" | ")[0][2:]: [int(v) for v in line.strip(" |").split(" | ")[1:]]
+            for line in lines[hist_at + 2:] if line.startswith("| ")}
+    assert set(hist) == {"real held-out (floor)", str(ckpt)}
+    for counts in hist.values():  # every sample once; the effective classes are the histogram's exp(entropy)
+        assert sum(counts) == 12 and len(counts) == 2
+    p = torch.tensor(hist[str(ckpt)], dtype=torch.float64) / 12
+    p = p[p > 0]
+    assert abs(float(torch.exp(-(p * p.log()).sum())) - float(cells[6])) < 0.01
+    return cells, rows[str(ckpt)].strip(" |").split(" | ")[1:]
 
 
 def test_script_scores_a_checkpoint_and_prints_each_class_spread(tmp_path):
