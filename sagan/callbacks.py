@@ -4,6 +4,7 @@ and the end-of-run summary. Everything that writes files or logs pictures does s
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +13,33 @@ import torch
 from pytorch_lightning.callbacks import Timer
 from torchvision.utils import save_image
 
+from .checkpointing import set_aside_previous_run
 from .errors import SaganError
 
 
-class SampleGrid(pl.Callback):
+class _FreshFolder(pl.Callback):
+    """A callback that writes files into a run's folder: in a fresh run (no ``ckpt_path``), the files another run
+    left there (``--overwrite``) move to ``previous/`` at the first write, so that the folder holds this run's
+    alone; a resumed run adds to its own."""
+
+    _fresh_since: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fresh_since = time.time() if trainer.is_global_zero and trainer.ckpt_path is None else None
+
+    def _ready(self, folder: Path, what: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if self._fresh_since is not None:
+            set_aside_previous_run(folder, self._fresh_since, what)
+            self._fresh_since = None
+
+
+class SampleGrid(_FreshFolder):
     """Writes the EMA generator's fixed-noise grid to ``dirpath/step_XXXXXX.png`` every ``every_n_steps``
     iterations (generator steps) and once more when training ends; rank 0 only.
 
     Rows are classes for conditional models. The noise is a buffer of the module, so grids are comparable across
-    steps and resumes.
+    steps and resumes. Another run's grids in the folder (``--overwrite``) move to ``previous/``.
     """
 
     def __init__(self, dirpath: str | None = None, every_n_steps: int = 500, ema: bool = True) -> None:
@@ -41,7 +60,7 @@ class SampleGrid(pl.Callback):
         if not trainer.is_global_zero:
             return None
         out = self._dir(trainer)
-        out.mkdir(parents=True, exist_ok=True)
+        self._ready(out, "sample grids")
         path = out / f"step_{step:06d}.png"
         save_image(grid, path)
         self.last_path = path.resolve()
@@ -74,10 +93,11 @@ def log_images(trainer: pl.Trainer, key: str, paths: list[str], captions: list[s
         lg.log_image(key=key, images=paths, caption=captions, step=trainer.global_step)
 
 
-class AttentionMaps(pl.Callback):
+class AttentionMaps(_FreshFolder):
     """Every ``every_n_steps`` iterations, draw the EMA generator's attention maps for the first ``num_images``
     images of the fixed sample noise (see :func:`sagan.visualize.attention_figure`) to
-    ``dirpath/step_XXXXXX.png`` and log them to W&B as ``attention_maps/G``; rank 0 only."""
+    ``dirpath/step_XXXXXX.png`` and log them to W&B as ``attention_maps/G``; rank 0 only. Another run's maps in the
+    folder (``--overwrite``) move to ``previous/``."""
 
     def __init__(self, dirpath: str | None = None, every_n_steps: int = 0, num_images: int = 2,
                  query_points: int = 4) -> None:
@@ -113,7 +133,7 @@ class AttentionMaps(pl.Callback):
             sheet.paste(f, (0, y0))
             y0 += f.height
         out = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "attention"
-        out.mkdir(parents=True, exist_ok=True)
+        self._ready(out, "attention maps")
         path = out / f"step_{step:06d}.png"
         sheet.save(path)
         log_images(trainer, "attention_maps/G", [str(path)],

@@ -117,19 +117,26 @@ class Checkpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if getattr(self, "_fresh_since", None) is not None:
-            folder = Path(self.dirpath)
-            # by mtime at the move, not by name: this run may already have written best.ckpt (in-loop FID)
-            stale = [f for f in folder.iterdir() if f.is_file() and ".tmp-" not in f.name
-                     and f.stat().st_mtime < self._fresh_since] if folder.is_dir() else []
-            if stale:
-                previous = folder / "previous"
-                shutil.rmtree(previous, ignore_errors=True)
-                previous.mkdir()
-                for f in stale:
-                    os.replace(f, previous / f.name)
-                rank_zero_info(f"the previous run's checkpoints in {folder} were moved to {previous}")
+            set_aside_previous_run(Path(self.dirpath), self._fresh_since, "checkpoints")
             self._fresh_since = None
         super()._save_checkpoint(trainer, filepath)
+
+
+def set_aside_previous_run(folder: Path, since: float, what: str) -> Path | None:
+    """Move the files of ``folder`` older than ``since`` (another run's, left by ``--overwrite``) to
+    ``folder/previous/``, replacing an older ``previous/``; by modification time, not by name, since this run may
+    have written some already. Returns ``previous/`` if anything moved."""
+    stale = [f for f in folder.iterdir() if f.is_file() and ".tmp-" not in f.name
+             and f.stat().st_mtime < since] if folder.is_dir() else []
+    if not stale:
+        return None
+    previous = folder / "previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for f in stale:
+        os.replace(f, previous / f.name)
+    rank_zero_info(f"the previous run's {what} in {folder} were moved to {previous}")
+    return previous
 
 
 class Preemption(pl.Callback):

@@ -104,7 +104,8 @@ class SAGANCLI(LightningCLI):
         parser.add_argument(
             "--overwrite", type=bool, default=False,
             help="start a fresh run even if OUTPUT_ROOT/EXPERIMENT already holds a checkpoint (the old run's "
-                 "checkpoints move to checkpoints/previous/ when the new run writes its first)",
+                 "checkpoints, sample grids and attention maps move to previous/ in their folders when the new "
+                 "run writes its first)",
         )
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         # last.ckpt every N optimizer steps, on SIGTERM / SIGUSR1 and on errors; the newest 3 periodic ones kept

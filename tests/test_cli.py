@@ -160,9 +160,12 @@ def test_unreadable_image_stops_with_one_error_and_keeps_checkpoint(tmp_path, ca
 def test_overwrite_moves_the_previous_runs_checkpoints_aside(tmp_path):
     common = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
               "--experiment", "again", *TINY, "--data.batch_size", "8", "--samples.every_n_steps", "0",
-              "--checkpoint.every_n_train_steps", "2"]
+              "--checkpoint.every_n_train_steps", "2", "--attention_maps.every_n_steps", "1"]
     assert run_cli([*common, "--trainer.max_steps", "6"]) == 0
     folder = tmp_path / "again" / "checkpoints"
+    samples, attention = tmp_path / "again" / "samples", tmp_path / "again" / "attention"
+    assert {f.name for f in samples.glob("*.png")} == {"step_000003.png"}  # n_dis 1: 3 iterations, the final grid
+    assert {f.name for f in attention.glob("*.png")} == {"step_000001.png", "step_000002.png", "step_000003.png"}
     assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt"}
     (folder / "best.ckpt").write_bytes(b"the old run's best")
     # the new run's in-loop FID writes its best.ckpt at iteration 1, before its first periodic checkpoint
@@ -177,10 +180,19 @@ def test_overwrite_moves_the_previous_runs_checkpoints_aside(tmp_path):
     previous = folder / "previous"  # the replaced run, whole
     assert {f.name for f in previous.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt"}
     assert torch.load(previous / "last.ckpt", weights_only=True)["global_step"] == 6
+    # grids and attention maps likewise: a stale step_000003.png would pass for this run's newest
+    assert {f.name for f in samples.glob("*.png")} == {"step_000002.png"}
+    assert {f.name for f in (samples / "previous").glob("*.png")} == {"step_000003.png"}
+    assert {f.name for f in attention.glob("*.png")} == {"step_000001.png", "step_000002.png"}
+    assert {f.name for f in (attention / "previous").glob("*.png")} == {"step_000001.png", "step_000002.png",
+                                                                       "step_000003.png"}
     assert run_cli([*common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0  # resuming moves nothing
     assert torch.load(previous / "last.ckpt", weights_only=True)["global_step"] == 6
     assert {f.name for f in folder.glob("*.ckpt")} == {"step=2.ckpt", "step=4.ckpt", "step=6.ckpt", "last.ckpt",
                                                          "best.ckpt"}
+    assert {f.name for f in samples.glob("*.png")} == {"step_000002.png", "step_000003.png"}
+    assert {f.name for f in (samples / "previous").glob("*.png")} == {"step_000003.png"}
+    assert {f.name for f in attention.glob("*.png")} == {"step_000001.png", "step_000002.png", "step_000003.png"}
 
 
 def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
