@@ -167,7 +167,7 @@ class WandbDashboard(pl.Callback):
             exp.define_metric("*", step_metric="trainer/global_step", step_sync=True)
             for key, summary in (("val/fid", "min"), ("val/kid", "min"), ("val/fid_best", "min"), ("val/isc", "max"),
                                  ("val/precision", "max"), ("val/recall", "max"), ("val/spread", "max"),
-                                 ("val/spread_min", "max")):
+                                 ("val/spread_min", "max"), ("val/ndb", "min"), ("val/jsd", "min")):
                 exp.define_metric(key, step_metric="trainer/global_step", summary=summary)
             exp.define_metric("train/iteration", step_metric="trainer/global_step", summary="max")
             exp.config.update({"git_commit": git_commit(), "model_class": type(pl_module).__name__},
@@ -209,13 +209,15 @@ class FIDEvaluation(pl.Callback):
     or extracted with a progress bar), never in the middle of training. Under DDP every rank generates and
     extracts its share of the samples and every rank gets the same numbers, so no rank waits inside a collective
     while another computes. Logged as ``val/fid``, ``val/precision``, ``val/recall``, ``val/spread``,
-    ``val/spread_min`` (and ``val/isc``, ``val/kid``), with the best FID so far as ``val/fid_best``; when FID
-    improves the full training state is saved as ``best.ckpt`` next to ``last.ckpt``.
+    ``val/spread_min``, ``val/ndb`` and ``val/jsd`` (bins of the real features that the samples fill or leave
+    empty: mode dropping without labels), and ``val/isc``, ``val/kid`` when asked, with the best FID so far as
+    ``val/fid_best``; when FID improves the full training state is saved as ``best.ckpt`` next to ``last.ckpt``.
 
     Args:
         every_n_steps: iterations between evaluations (0 = never).
         num_samples: generated images per evaluation.
-        metrics: subset of fid, isc, kid, prc (precision/recall); the spread is reported with any of fid/kid/prc.
+        metrics: subset of fid, isc, kid, prc (precision/recall); the spread and the bins (ndb, jsd) are
+            reported with any of fid/kid/prc.
         feature_extractor: 'auto' (digits-mlp for the digits set, else inception-v3-compat) or a torch-fidelity name.
         weights_path: feature-extractor weights file (else $SAGAN_INCEPTION_WEIGHTS, torch hub's cache, download).
         fid_layer: feature layer for FID/KID/PR (None = the extractor's default, 2048 for Inception).

@@ -8,7 +8,8 @@
 The reference set is the checkpoint's own training data (its data settings are stored in the checkpoint; a
 ``--config`` YAML's ``data:`` section overrides them), without augmentation, at the model's resolution. Reference
 statistics are cached. Metrics: FID, precision/recall (default), IS, KID, and always the per-class spread of the
-samples relative to the real images (see :mod:`sagan.metrics`). Under torchrun every process generates and
+samples relative to the real images and NDB/JSD over k-means bins of the real features, which see whole kinds of
+image missing without labels (see :mod:`sagan.metrics`). Under torchrun every process generates and
 extracts its share of the samples; the numbers equal a single process's. The table is printed and written as JSON next to the checkpoint (``last.metrics.json``)
 together with the protocol: image counts, reference split, feature extractor and the hash of its weights, seed.
 """

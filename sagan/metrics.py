@@ -14,6 +14,13 @@
   divided by the same for the real images of that class, averaged over classes (and its worst class); the whole
   set is one class for unconditional models. 1 = as varied as the data; a generator that draws one image per
   class goes towards 0 while its FID may still look fine and a classifier's accuracy certainly does.
+* *Bins* (``ndb``, ``jsd``; Richardson & Weiss 2018, "On GANs and GMMs", as used by Mao et al. 2019): the real
+  reference features are clustered once by k-means (:data:`NDB_BINS` bins, seeded, cached with the reference), each
+  generated sample goes to its nearest centre, and ``ndb`` is the fraction of bins whose share of the generated
+  samples differs from their share of the real ones (two-proportion z-test at :data:`NDB_ALPHA`); ``jsd`` is the
+  Jensen-Shannon divergence (natural log) between the two bin histograms. Neither needs labels: a generator that
+  drops whole kinds of image (mode dropping in unconditional models, which k-NN recall barely registers) empties
+  their bins. Real held-out images read about ``NDB_ALPHA``.
 * :func:`compute_metrics` compares two image folders through ``torch_fidelity.calculate_metrics``.
 """
 
@@ -50,6 +57,10 @@ _RESULT_KEYS = {
     "f_score": "f_score",
 }
 SPREAD_MAX_PER_CLASS = 1000  # samples per class that the spread figure looks at (pairwise distances: quadratic)
+NDB_BINS = 20  # k-means bins of the reference features (fewer when the reference has under 10 images per bin)
+NDB_ALPHA = 0.05  # significance level of each bin's two-proportion test
+NDB_FIT_MAX = 20000  # reference features k-means is fitted on (a seeded subset of larger sets; all are binned)
+NDB_SEED = 0  # the bins are a property of the reference set, not of an evaluation's seed
 
 
 class MetricsError(SaganError):
@@ -325,15 +336,61 @@ def class_spread(features: Tensor, labels: Tensor, num_classes: int, max_per_cla
     return out
 
 
+def fit_bins(features: Tensor, num_bins: int = NDB_BINS, seed: int = NDB_SEED) -> Tensor | None:
+    """k-means centres (K, D) of reference features (N, D) (scikit-learn, k-means++, seeded; fitted on at most
+    :data:`NDB_FIT_MAX` of them), float32. K = ``num_bins``, capped at N // 10 so a bin holds ~10 real images;
+    None when that leaves fewer than 2 bins."""
+    from sklearn.cluster import KMeans
+
+    k = min(num_bins, len(features) // 10)
+    if k < 2:
+        return None
+    f = features
+    if len(f) > NDB_FIT_MAX:
+        f = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:NDB_FIT_MAX]]
+    km = KMeans(n_clusters=k, init="k-means++", n_init=3, random_state=seed).fit(f.double().numpy())
+    return torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
+
+
+def bin_counts(features: Tensor, centres: Tensor) -> Tensor:
+    """How many of the features (N, D) fall nearest to each centre (K, D): (K,) long."""
+    c = centres.double()
+    nearest = torch.cat([torch.cdist(f.double(), c).argmin(dim=1) for f in features.split(10000)])  # (N,)
+    return torch.bincount(nearest, minlength=len(centres))
+
+
+def ndb_jsd(real: Tensor, generated: Tensor, alpha: float = NDB_ALPHA) -> tuple[float, float]:
+    """NDB/K and JSD of two bin histograms (K,): the fraction of bins whose proportions differ at level ``alpha``
+    (two-sided pooled two-proportion z-test, as Richardson & Weiss's ``ndb.py``), and the Jensen-Shannon divergence
+    of the proportions in nats (0 = the same, ln 2 = disjoint)."""
+    from scipy.stats import norm
+
+    n1, n2 = float(real.sum()), float(generated.sum())
+    p1, p2 = real.double() / n1, generated.double() / n2
+    pooled = (real + generated).double() / (n1 + n2)
+    se = torch.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    z = (p1 - p2).abs() / se.clamp_min(1e-12)
+    different = (z > norm.ppf(1 - alpha / 2)) & (se > 0)
+    m = (p1 + p2) / 2
+
+    def kl(p: Tensor) -> Tensor:
+        return torch.where(p > 0, p * torch.log(p / m), torch.zeros_like(p)).sum()
+
+    return float(different.double().mean()), float((kl(p1) + kl(p2)) / 2)
+
+
 @dataclass
 class Reference:
     """What metrics need of the reference set, per feature layer: mean and covariance (FID), the features
-    themselves when KID or precision/recall ask for them, and the per-class spread of the spread layer."""
+    themselves when KID or precision/recall ask for them, and, on the spread layer, the per-class spread and the
+    k-means bins with the reference's count in each (``ndb``, ``jsd``; None when it is too small for bins)."""
 
     count: int
     num_classes: int
     stats: dict[str, dict[str, Tensor]]
     spread: Tensor
+    bins: Tensor | None = None
+    bin_counts: Tensor | None = None
 
 
 class Evaluator:
@@ -428,6 +485,8 @@ class Evaluator:
                     break
                 if layer in need_features and entry.get("features") is None:
                     break
+                if layer == self.spread_layer and "bins" not in entry:  # written before the bins existed
+                    break
                 cached[layer] = entry
         if len(cached) == len(layers):
             stats = cached
@@ -441,6 +500,9 @@ class Evaluator:
                 stats[layer] = {"mu": mu, "sigma": sigma, "count": torch.tensor(len(f)),
                                 "spread": class_spread(f, labels if num_classes else torch.zeros_like(labels), k),
                                 "features": f if layer in need_features else None}
+                if layer == self.spread_layer:
+                    bins = fit_bins(f)
+                    stats[layer].update(bins=bins, bin_counts=bin_counts(f, bins) if bins is not None else None)
             if cache_name and dist_info()[0] == 0:
                 for layer, entry in stats.items():
                     path = self._cache_path(cache_root, cache_name, layer)
@@ -449,7 +511,8 @@ class Evaluator:
                     torch.save(entry, tmp)
                     os.replace(tmp, path)
         count = int(stats[layers[0]]["count"])
-        self.reference = Reference(count, num_classes, stats, stats[self.spread_layer]["spread"])
+        sl = stats[self.spread_layer]
+        self.reference = Reference(count, num_classes, stats, sl["spread"], sl.get("bins"), sl.get("bin_counts"))
         return self.reference
 
     # ---------------------------------------------------------------------------------------- scoring
@@ -529,9 +592,14 @@ class Evaluator:
             ratio = ratio[torch.isfinite(ratio)]
             if len(ratio):
                 values.update(spread=float(ratio.mean()), spread_min=float(ratio.min()))
+            if ref.bins is not None:
+                ndb, jsd = ndb_jsd(ref.bin_counts, bin_counts(feats[self.spread_layer], ref.bins))
+                values.update(ndb=ndb, jsd=jsd)
         protocol = _protocol(self.spec, self.names, self.layers, seed, kid_size, self.isc_splits,
                              self.allow_few_samples)
         protocol.update(num_reference=ref.count if ref else None, spread_layer=self.spread_layer,
+                        ndb_bins=len(ref.bins) if ref is not None and ref.bins is not None else None,
+                        ndb_alpha=NDB_ALPHA,
                         world_size=dist_info()[1])
         return MetricsResult(values, protocol)
 

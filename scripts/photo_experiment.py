@@ -16,7 +16,9 @@ Unconditional generators (trained on the same patches as one flat folder) are sc
 assigned to the class the feature classifier predicts: spread is then within predicted classes and accuracy is
 not defined (printed as -). Every row also gives the effective number of classes among the classifier's
 predictions, exp(entropy of the predicted-class histogram): a generator that drops or favours some kinds of patch
-reads below the floor row's figure.
+reads below the floor row's figure. NDB and JSD are the label-free figures that ``sagan evaluate`` and the
+in-loop evaluation report (k-means bins of the real training features, :mod:`sagan.metrics`), here on this
+script's features: they should rise where the effective classes fall.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sagan.metrics import to_uint8  # noqa: E402
+from sagan.metrics import bin_counts, fit_bins, ndb_jsd, to_uint8  # noqa: E402
 from sagan.sampling import generator_from_checkpoint  # noqa: E402
 
 
@@ -103,9 +105,10 @@ def effective_classes(pred: torch.Tensor, n_cls: int) -> float:
 
 
 def score(net: PatchNet, f: torch.Tensor, y: torch.Tensor | None, real_f: torch.Tensor, real_spread: torch.Tensor,
-          n_cls: int) -> dict[str, float]:
-    """FID, precision/recall, spread, accuracy and effective classes of features ``f`` asked for classes ``y``
-    (None: an unconditional generator; its samples are grouped by the predicted class and accuracy is NaN)."""
+          n_cls: int, bins: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """FID, precision/recall, spread, accuracy, effective classes and (given ``bins``: k-means centres of the real
+    features and the real count in each) NDB and JSD of features ``f`` asked for classes ``y`` (None: an
+    unconditional generator; its samples are grouped by the predicted class and accuracy is NaN)."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_full
 
@@ -115,7 +118,8 @@ def score(net: PatchNet, f: torch.Tensor, y: torch.Tensor | None, real_f: torch.
     pred = net.head(f).argmax(1)
     acc = float((pred == y).float().mean()) if y is not None else float("nan")
     sp = spread(f, y if y is not None else pred, n_cls) / real_spread
-    return {"fid": fid, "precision": float(precision), "recall": float(recall), "spread": float(sp.nanmean()),
+    ndb, jsd = ndb_jsd(bins[1], bin_counts(f, bins[0])) if bins is not None else (float("nan"), float("nan"))
+    return {"ndb": ndb, "jsd": jsd, "fid": fid, "precision": float(precision), "recall": float(recall), "spread": float(sp.nanmean()),
             "spread_min": float(sp[~sp.isnan()].min()), "accuracy": acc, "class_spread": sp.tolist(),
             "effective_classes": effective_classes(pred, n_cls), "histogram": torch.bincount(pred, minlength=n_cls).tolist()}
 
@@ -144,11 +148,13 @@ def main() -> None:
     print(f"feature classifier: {len(x)} training patches, held-out accuracy {test_acc:.3f}")
     real_f = feats(net, x)
     real_spread = spread(real_f, y, n_cls)
+    centres = fit_bins(real_f)
+    bins = (centres, bin_counts(real_f, centres)) if centres is not None else None
     # the floor: as many held-out patches per class as generated ones
     gen = torch.Generator().manual_seed(0)
     pick = torch.cat([torch.nonzero(ty == c).flatten()[torch.randperm(int((ty == c).sum()), generator=gen)][:a.per_class]
                       for c in range(n_cls)])
-    rows = {"real held-out (floor)": score(net, feats(net, tx[pick]), ty[pick], real_f, real_spread, n_cls)}
+    rows = {"real held-out (floor)": score(net, feats(net, tx[pick]), ty[pick], real_f, real_spread, n_cls, bins)}
     for ck in a.ckpt:
         g = generator_from_checkpoint(ck)
         gen = torch.Generator().manual_seed(0)
@@ -160,13 +166,14 @@ def main() -> None:
         with torch.no_grad():
             imgs = torch.cat([to_uint8(g(zb, yb if conditional else None))
                               for zb, yb in zip(z.split(100), labels.split(100))])
-        rows[ck] = score(net, feats(net, imgs), labels if conditional else None, real_f, real_spread, n_cls)
+        rows[ck] = score(net, feats(net, imgs), labels if conditional else None, real_f, real_spread, n_cls, bins)
     floor = rows["real held-out (floor)"]["fid"]
-    print("| model | FID | x floor | precision | recall | spread | accuracy | classes (effective) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | FID | x floor | precision | recall | spread | accuracy | classes (effective) | NDB | JSD |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         print(f"| {name} | {r['fid']:.3f} | {r['fid'] / floor:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{r['spread']:.3f} | {_num(r['accuracy'])} | {r['effective_classes']:.2f} |")
+              f"{r['spread']:.3f} | {_num(r['accuracy'])} | {r['effective_classes']:.2f} | {_num(r['ndb'], '.2f')} | "
+              f"{_num(r['jsd'], '.4f')} |")
     if a.class_spread:
         print("\n| model | " + " | ".join(classes) + " |")
         print("| --- |" + " ---: |" * n_cls)

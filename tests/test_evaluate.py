@@ -62,9 +62,10 @@ def test_evaluate_checkpoint_prints_table_and_writes_protocol(digits_run, capsys
     assert data["floor"]["num_images"] == 360 and data["floor"]["split"] == "test"
     assert 0.2 < floor["fid"] < 3.0 and floor["fid"] < data["metrics"]["fid"] / 5
     assert 0.8 < floor["spread"] < 1.25 and floor["recall"] > 0.8
-    for part in (data["metrics"], data["floor"]["metrics"]):  # precision, recall and the spread land in the JSON
-        assert {"precision", "recall", "spread", "spread_min"} <= part.keys()
-    assert p["prc_neighborhood"] == 3 and p["spread_layer"] == "64"
+    for part in (data["metrics"], data["floor"]["metrics"]):  # precision, recall, spread and bins land in the JSON
+        assert {"precision", "recall", "spread", "spread_min", "ndb", "jsd"} <= part.keys()
+    assert floor["ndb"] <= 0.15 and floor["jsd"] < 0.02  # real held-out digits fill the bins as the data does
+    assert p["prc_neighborhood"] == 3 and p["spread_layer"] == "64" and p["ndb_bins"] == 20
 
 
 def test_floor_is_also_compared_at_its_own_sample_count(digits_run, capsys):

@@ -176,6 +176,49 @@ def test_class_spread_is_mean_pairwise_distance_per_class():
     assert torch.isnan(s[2]) and torch.isnan(s[3])  # fewer than two samples
 
 
+def test_ndb_and_jsd_of_bin_histograms():
+    """Richardson & Weiss's pooled two-proportion test per bin, and the Jensen-Shannon divergence in nats."""
+    same = torch.tensor([40, 30, 20, 10])
+    assert M.ndb_jsd(same, same * 3) == (0.0, pytest.approx(0.0, abs=1e-12))  # same proportions, other count
+    ndb, jsd = M.ndb_jsd(torch.tensor([10, 10, 0, 0]), torch.tensor([0, 0, 10, 10]))
+    assert ndb == 1.0 and jsd == pytest.approx(np.log(2))  # disjoint: every bin differs, JSD is ln 2
+    # 50/50 real vs 30/70 generated, 100 each: pooled 0.4, se = sqrt(0.4 * 0.6 * 0.02) = 0.0693, z = 2.89 > 1.96
+    assert M.ndb_jsd(torch.tensor([50, 50]), torch.tensor([30, 70]))[0] == 1.0
+    assert M.ndb_jsd(torch.tensor([50, 50]), torch.tensor([45, 55]))[0] == 0.0  # z = 0.71: within chance
+    assert M.ndb_jsd(torch.tensor([50, 50]), torch.tensor([37, 63]))[0] == 0.0  # z = 1.85: two-sided, not 1.64
+    # one of four bins emptied, the rest as the real shares: only that bin and the one that took its samples
+    ndb, _ = M.ndb_jsd(torch.tensor([250, 250, 250, 250]), torch.tensor([250, 250, 500, 0]))
+    assert ndb == 0.5
+
+
+def test_bins_see_a_generator_that_drops_whole_kinds():
+    """Unconditional mode dropping: the samples are real digits (precision is perfect) but two kinds are gone.
+    Bins of the real features see it without labels; real held-out digits read about the test's level."""
+    ds = SAGANData("digits", resolution=32)
+    train, test = ds.build_dataset("train"), ds.build_dataset("test")
+    ev = _evaluator("fid,prc")
+    ev.load_reference(train)  # no labels: the unconditional reference
+    assert ev.reference.bins is not None and len(ev.reference.bins) == M.NDB_BINS
+    assert int(ev.reference.bin_counts.sum()) == len(train)
+    real = ev.images(test)
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([test[i][1] for i in range(len(test))])
+    keep = x[(y != 3) & (y != 7)]
+    dropped = keep[torch.arange(len(x)) % len(keep)]  # as many images, threes and sevens missing
+    gone = ev.images(Labelled(dropped, torch.zeros(len(x), dtype=torch.long))).values
+    assert real.values["ndb"] <= 0.15 and real.values["jsd"] < 0.02
+    assert gone["ndb"] >= 0.25 and gone["jsd"] > 3 * real.values["jsd"]
+    assert real.protocol["ndb_bins"] == M.NDB_BINS and real.protocol["ndb_alpha"] == M.NDB_ALPHA
+
+
+def test_reference_too_small_for_bins_scores_without_them():
+    ev = _evaluator("fid", allow_few_samples=True)
+    ev.load_reference(Images(real_digits()[:19]))
+    assert ev.reference.bins is None
+    values = ev.images(Images(real_digits("test")[:30])).values
+    assert "fid" in values and "ndb" not in values and "jsd" not in values
+
+
 def test_reference_statistics_are_cached_and_invalidated(tmp_path):
     cache = str(tmp_path / "cache")
     g = _tiny_generator(0)
@@ -197,6 +240,11 @@ def test_reference_statistics_are_cached_and_invalidated(tmp_path):
     assert run(32, "fid,prc").reads > 0  # precision/recall need the features themselves, not cached yet
     assert run(32, "fid,prc").reads == 0
     assert run(64).reads > 0  # another resolution: another cache entry
+    for entry in Path(cache).glob("*-64.sagan.pt"):  # an entry written before the bins existed: computed again
+        old = torch.load(entry, weights_only=True)
+        torch.save({k: v for k, v in old.items() if k not in ("bins", "bin_counts")}, entry)
+    assert run(64).reads > 0
+    assert run(64).reads == 0
     p = folder / "img_000.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(p)  # the data changes
     assert run(32).reads > 0

@@ -53,7 +53,7 @@ def _fit_and_score(tmp_path, data, train_root, name):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     row = next(line for line in lines if line.startswith(f"| {ckpt} | "))
-    assert row.count("|") == 9  # FID .. effective classes
+    assert row.count("|") == 11  # FID .. effective classes, NDB, JSD
     header = next(i for i, line in enumerate(lines) if line.startswith("| model | cat | dog |"))
     rows = {}
     for line in lines[header + 2:]:
@@ -71,6 +71,9 @@ def _fit_and_score(tmp_path, data, train_root, name):
     p = torch.tensor(hist[str(ckpt)], dtype=torch.float64) / 12
     p = p[p > 0]
     assert abs(float(torch.exp(-(p * p.log()).sum())) - float(cells[6])) < 0.01
+    for r in (row, next(line for line in lines if line.startswith("| real held-out (floor) | "))):
+        ndb, jsd = (float(v) for v in r.strip(" |").split(" | ")[-2:])  # the label-free bins: two of them here
+        assert ndb in (0.0, 0.5, 1.0) and 0.0 <= jsd <= 0.6932
     return cells, rows[str(ckpt)].strip(" |").split(" | ")[1:]
 
 

@@ -13,6 +13,7 @@ PROMISED = {
     "train/lr_g", "train/lr_d", "train/images_per_s", "train/iteration",
     "attention/gamma_G16", "attention/gamma_D16",
     "val/fid", "val/kid", "val/isc", "val/fid_best", "val/precision", "val/recall", "val/spread", "val/spread_min",
+    "val/ndb", "val/jsd",
 }
 
 
@@ -41,6 +42,7 @@ def test_every_promised_key_is_logged(wandb_run):
     assert len(fids) == 2 and run.summary["val/fid"]["min"] == pytest.approx(min(fids))
     assert run.metrics["val/fid"]["summary"].startswith("min") and run.metrics["val/isc"]["summary"].startswith("max")
     assert run.metrics["val/recall"]["summary"].startswith("max") and run.metrics["val/spread"]["summary"].startswith("max")
+    assert run.metrics["val/ndb"]["summary"].startswith("min") and run.metrics["val/jsd"]["summary"].startswith("min")
     recalls = [row["val/recall"] for row in run.history if "val/recall" in row]
     assert len(recalls) == 2 and all(0 <= r <= 1 for r in recalls)
     assert run.metrics["*"]["step_metric"] == "trainer/global_step"
