@@ -119,9 +119,10 @@ def score(net: PatchNet, f: torch.Tensor, y: torch.Tensor | None, real_f: torch.
     acc = float((pred == y).float().mean()) if y is not None else float("nan")
     sp = spread(f, y if y is not None else pred, n_cls) / real_spread
     ndb, jsd = ndb_jsd(bins[1], bin_counts(f, bins[0])) if bins is not None else (float("nan"), float("nan"))
-    return {"ndb": ndb, "jsd": jsd, "fid": fid, "precision": float(precision), "recall": float(recall), "spread": float(sp.nanmean()),
+    return {"fid": fid, "precision": float(precision), "recall": float(recall), "spread": float(sp.nanmean()),
             "spread_min": float(sp[~sp.isnan()].min()), "accuracy": acc, "class_spread": sp.tolist(),
-            "effective_classes": effective_classes(pred, n_cls), "histogram": torch.bincount(pred, minlength=n_cls).tolist()}
+            "effective_classes": effective_classes(pred, n_cls), "histogram": torch.bincount(pred, minlength=n_cls).tolist(),
+            "ndb": ndb, "jsd": jsd}
 
 
 def _num(v: float, fmt: str = ".3f") -> str:
