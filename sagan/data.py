@@ -28,7 +28,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchvision import transforms
@@ -36,7 +36,14 @@ from torchvision import transforms
 from .errors import ConfigError, DataError
 from .models import check_resolution
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".tif", ".tiff", ".webp",
+                  ".gif", ".avif", ".tga", ".qoi")
+# files that look like images but that the folder path does not read: a scan warns about them instead of
+# silently training without them
+UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".jxl", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf",
+                           ".rw2", ".raw", ".exr", ".hdr")
+# part of a folder's fingerprint (cached reference statistics): bump when ImageLoader's pixels change
+LOADER_VERSION = 2
 DATASETS = ("digits", "cifar10", "folder", "prepared")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -81,6 +88,21 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
 
 
+def _warn_unread(root: Path, subdirs: list[Path]) -> None:
+    """Warn about files that look like images but are not read (HEIC, RAW, SVG, ...): without the warning a
+    folder of phone photos would train on the few JPEGs among them, silently."""
+    files = [p for d in subdirs for p in d.rglob("*")] if subdirs else list(root.iterdir())
+    found: dict[str, int] = {}
+    for p in files:
+        if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and not p.name.startswith("."):
+            found[p.suffix.lower()] = found.get(p.suffix.lower(), 0) + 1
+    if found:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(found.items()))
+        warnings.warn(f"image folder {str(root)!r}: {kinds} file(s) are not read (the folder path reads "
+                      f"{', '.join(IMG_EXTENSIONS)}): convert them, e.g. to PNG or JPEG, to train on them",
+                      stacklevel=3)
+
+
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], list[str]]:
     """List (path, label) pairs and class names of an image folder.
 
@@ -94,6 +116,7 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
             "(flat, or one subfolder per class)"
         )
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    _warn_unread(root, subdirs)
     if subdirs:
         classes, samples = [], []
         for label, d in enumerate(subdirs):
@@ -120,6 +143,11 @@ class ImageLoader:
 
     The one image-decoding path: training from a folder and ``sagan prepare`` both use it, so a prepared set holds
     exactly the folder path's pixels. Unreadable or truncated files raise :class:`DataError` naming the file.
+    Before the conversion (:func:`to_8bit`): the EXIF orientation is applied (a camera's portrait photo is
+    trained upright, as viewers show it), 16-bit and float images are scaled to 8 bits instead of clipped, and
+    transparent pixels are composited onto black. Large JPEGs decode at a reduced scale (PIL's ``draft``: the
+    DCT's 1/2, 1/4 or 1/8, never below twice ``resolution`` on either side) before the antialiased resize
+    (12-megapixel JPEGs at 32-128: 8.5x faster, PSNR at least 52 dB against the full decode; BENCHMARKS.md).
     """
 
     def __init__(self, resolution: int, channels: int) -> None:
@@ -127,19 +155,50 @@ class ImageLoader:
         self.transform = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution)])
 
     def pil(self, img: Image.Image) -> np.ndarray:
-        arr = np.array(self.transform(img.convert(self.mode)), dtype=np.uint8)  # (R, R, C) or (R, R), writable
+        arr = np.array(self.transform(to_8bit(img).convert(self.mode)), dtype=np.uint8)  # (R, R, C) or (R, R)
         return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, R, R)
 
     def __call__(self, path: str | os.PathLike) -> np.ndarray:
         try:
             with Image.open(path) as img:
+                if img.format == "JPEG":
+                    img.draft(None, (2 * self.resolution, 2 * self.resolution))
                 img.load()  # decodes fully: truncated files fail here
+                if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    img = ImageOps.exif_transpose(img)
                 return self.pil(img)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             raise DataError(
                 f"cannot read image {str(path)!r} ({type(e).__name__}: {e}): remove or replace the file, "
                 "or set data.bad_images: skip"
             ) from None
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """An image PIL's ``convert`` to 'RGB' / 'L' would get wrong, made 8-bit first (others pass unchanged).
+
+    * 16-bit integer ('I;16*'): x / 257, the full range onto 0..255 (``convert`` clips at 255: nearly white).
+    * 32-bit integer ('I'): as 16-bit, unless its values fit in 0..255 already (then as they are).
+    * float ('F'): values in [0, 1] are scaled by 255 (``convert`` truncates them to 0: black); others clipped.
+    * transparency (alpha, or a palette's transparent index): composited onto black, so what lies under a fully
+      transparent pixel (often arbitrary) never reaches the model.
+    """
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)  # (H, W)
+        if img.mode == "F":
+            arr = arr * 255.0 if arr.size and np.nanmax(arr) <= 1.0 else arr
+        elif img.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr = arr / 257.0
+        return Image.fromarray(np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8))  # mode L
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img
 
 
 class ImageFolderDataset(Dataset):
@@ -373,6 +432,7 @@ class SAGANData(pl.LightningDataModule):
             if self.dataset == "folder":
                 files = [p for p, _ in self._samples]
                 base = Path(self.root)
+                h.update(f"|loader{LOADER_VERSION}".encode())
             else:
                 base = Path(self.root) / "cifar-10-batches-py"
                 if not base.is_dir():

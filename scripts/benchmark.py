@@ -9,6 +9,7 @@
     python scripts/benchmark.py logging [--steps 150] [--interval 25]
     python scripts/benchmark.py fid [--sizes 1000 10000] [--weights PATH]
     python scripts/benchmark.py loader --root data/photos64/train [--res 64] [--workers 0 1 2] [--batches 60]
+    python scripts/benchmark.py decode [--resolutions 32 64 128] [--repeats 5]   (needs scikit-image)
     python scripts/benchmark.py ema [--repeats 200]
     python scripts/benchmark.py reuse [--steps 150] [--repeats 3]
 
@@ -44,6 +45,10 @@ Sections:
             (memory-mapped and in memory), per worker count; plus the time ``sagan prepare`` took and, in the same
             run, the training step's own images/s at that resolution (configs/celeba64.yaml, batch 64, eager fp32
             on this device), so the table says whether training would wait for data.
+  decode    one JPEG photograph through the image-folder path's decoder (``sagan.data.ImageLoader``: a reduced-scale
+            DCT decode, PIL's ``draft``) against the full decode and the same resize / crop, per source size
+            (scikit-image's photographs, upscaled and saved at quality 92) and target resolution: ms per image
+            (median of repeats, one thread) and the PSNR of the fast decode's pixels against the full decode's.
   ema       time of one EMA update of the generator (``SAGAN._update_ema``: the weights averaged, G's buffers copied
             but for the EMA's own spectral-norm vectors, one power iteration of those) for the digits and CIFAR-10
             configs' G: median of --repeats after a warm-up, and the torch operators one update dispatches
@@ -638,6 +643,55 @@ def bench_loader(root: str, res: int, workers: list[int], batches: int) -> list[
     return rows
 
 
+def bench_decode(resolutions: list[int], repeats: int) -> list[str]:
+    import numpy as np
+
+    from sagan.data import ImageLoader
+
+    try:
+        from skimage import data as skdata
+    except ImportError:
+        sys.exit("benchmark.py decode needs scikit-image for its photographs: pip install scikit-image")
+
+    torch.set_num_threads(1)
+    rows = ["| source | resolution | full decode ms | draft decode ms | speed-up | PSNR dB (min over photos) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    photos = ["astronaut", "coffee", "chelsea", "rocket"]
+
+    def ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return 1000 * sorted(times)[len(times) // 2]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for w, h in [(640, 480), (2048, 1536), (4000, 3000)]:
+            paths = []
+            for name in photos:
+                paths.append(Path(tmp) / f"{name}_{w}.jpg")
+                Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((w, h), Image.Resampling.LANCZOS) \
+                    .save(paths[-1], quality=92)
+            for res in resolutions:
+                loader = ImageLoader(res, 3)
+
+                def full(path: Path) -> np.ndarray:
+                    with Image.open(path) as img:
+                        img.load()
+                        return loader.pil(img)
+
+                t_full = sum(ms(lambda: full(q)) for q in paths) / len(paths)
+                t_fast = sum(ms(lambda: loader(q)) for q in paths) / len(paths)
+                mse = max(float(((loader(q).astype(float) - full(q).astype(float)) ** 2).mean()) for q in paths)
+                psnr = f"{10 * np.log10(255 ** 2 / mse):.1f}" if mse > 0 else "identical"
+                rows.append(f"| {w}x{h} JPEG | {res} | {t_full:.1f} | {t_fast:.1f} | {t_full / t_fast:.1f}x | "
+                            f"{psnr} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------- ddp
 def _ddp_case(devices: int, iters: int, warmup: int, global_batch: int = 64) -> None:
     import json
@@ -698,7 +752,8 @@ def bench_ddp(iters: int, warmup: int = 5) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "loader", "ema", "reuse",
+    p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "loader",
+                                       "decode", "ema", "reuse",
                                        "_attn_case",
                                        "_train_case", "_ddp_case"])
     p.add_argument("--devices", type=int, default=2)
@@ -754,6 +809,8 @@ def main() -> None:
         rows = bench_logging(a.steps, a.interval)
     elif a.section == "fid":
         rows = bench_fid(a.sizes, a.weights, (a.batch_size or [100])[0])
+    elif a.section == "decode":
+        rows = bench_decode(a.resolutions, a.repeats or 5)
     elif a.section == "loader":
         if not a.root:
             p.error("loader needs --root FOLDER (e.g. from scripts/make_photo_patches.py --size 64)")

@@ -1,7 +1,11 @@
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from PIL.JpegImagePlugin import JpegImageFile
 
-from sagan.data import SAGANData, digits_to_images, images_to_digits, load_digits_arrays, scan_image_folder
+from sagan.data import (ImageLoader, SAGANData, digits_to_images, images_to_digits, load_digits_arrays,
+                        scan_image_folder)
 from sagan.errors import ConfigError, DataError
 
 from conftest import write_images
@@ -66,6 +70,93 @@ def test_mixed_modes_and_sizes_are_normalised(tmp_path):
     dm.setup()
     x, _ = _batch(dm)
     assert x.shape == (6, 3, 32, 32)
+
+
+def _ramp(h: int = 48, w: int = 64) -> np.ndarray:
+    """(h, w) values rising left to right from 0 to 1."""
+    return np.tile(np.linspace(0.0, 1.0, w), (h, 1))
+
+
+@pytest.mark.parametrize("kind", ["uint16", "float", "int32"])
+def test_high_bit_depth_images_keep_their_full_range(tmp_path, kind):
+    """16-bit, 32-bit and float images map their range onto 0..255: PIL's plain convert clips them (white / black)."""
+    ramp = _ramp()
+    arr = {"uint16": (ramp * 65535).astype(np.uint16), "int32": (ramp * 65535).astype(np.int32),
+           "float": ramp.astype(np.float32)}[kind]
+    path = tmp_path / ("img.tif" if kind != "uint16" else "img.png")
+    Image.fromarray(arr).save(path)
+    for channels in (1, 3):
+        out = ImageLoader(32, channels)(path).astype(float)  # (C, 32, 32)
+        assert out.shape == (channels, 32, 32)
+        row = out[0, 16]  # left to right: the ramp's middle third (centre crop of a 4:3 image)
+        assert np.all(np.diff(row) >= 0) and row[0] < 100 and row[-1] > 155, row
+        assert abs(out.mean() - 127.5) < 4
+
+
+def test_transparent_pixels_are_composited_onto_black(tmp_path):
+    """Whatever colour lies under a fully transparent pixel never reaches the model; half transparency darkens."""
+    a = np.zeros((40, 40, 4), np.uint8)
+    a[...] = (0, 255, 0, 0)  # invisible green
+    a[10:30, 10:30] = (255, 0, 0, 255)  # opaque red
+    a[:, 35:] = (0, 0, 255, 128)  # half-transparent blue
+    Image.fromarray(a).save(tmp_path / "rgba.png")
+    out = ImageLoader(40, 3)(tmp_path / "rgba.png")  # (3, 40, 40), no resizing at 40
+    assert out[:, 2, 2].tolist() == [0, 0, 0]
+    assert out[:, 20, 20].tolist() == [255, 0, 0]
+    assert out[:, 20, 38].tolist() == [0, 0, 128]
+    p = Image.new("P", (40, 40), 1)
+    p.putpalette([0, 255, 0, 200, 200, 200] + [0] * 762)
+    p.paste(0, (0, 0, 20, 40))  # left half: index 0, the transparent one (green in the palette)
+    p.save(tmp_path / "pal.png", transparency=0)
+    out = ImageLoader(40, 3)(tmp_path / "pal.png")
+    assert out[:, 20, 5].tolist() == [0, 0, 0] and out[:, 20, 30].tolist() == [200, 200, 200]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag is trained upright, as a viewer shows it."""
+    shown = np.zeros((60, 80, 3), np.uint8)
+    shown[:, :40] = (255, 0, 0)  # left half red, right half blue, as displayed
+    shown[:, 40:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "cam.jpg", exif=exif, quality=95)
+    out = ImageLoader(32, 3)(tmp_path / "cam.jpg").astype(int)  # (3, 32, 32)
+    assert out[0, :, 3].min() > 200 and out[2, :, 3].max() < 60  # left column red
+    assert out[2, :, 28].min() > 200 and out[0, :, 28].max() < 60  # right column blue
+
+
+def test_large_jpeg_decodes_at_reduced_scale_like_the_full_decode(tmp_path, monkeypatch):
+    """JPEGs much larger than the resolution decode at 1/2..1/8 scale (fast), within 1% of the full decode."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((1024, 768), Image.Resampling.BICUBIC).save(tmp_path / "big.jpg", quality=92)
+    sizes = []
+    real_load = JpegImageFile.load
+
+    def spy(self):
+        out = real_load(self)
+        sizes.append(self.size)
+        return out
+
+    monkeypatch.setattr(JpegImageFile, "load", spy)
+    fast = ImageLoader(32, 3)(tmp_path / "big.jpg").astype(float)
+    assert sizes[-1] == (128, 96)  # 1/8: the smallest scale that keeps both sides >= 2 x 32
+    with Image.open(tmp_path / "big.jpg") as img:
+        full = ImageLoader(32, 3).pil(img.convert("RGB")).astype(float)
+    assert sizes[-1] == (1024, 768)
+    assert np.abs(fast - full).mean() < 2.55
+
+
+def test_unread_image_files_are_named_in_a_warning(tmp_path):
+    """A folder of phone photos (HEIC) with a few JPEGs among them must not train on the JPEGs silently."""
+    paths = write_images(tmp_path / "phone", 4)
+    (tmp_path / "phone" / "IMG_0001.HEIC").write_bytes(b"heic")
+    (tmp_path / "phone" / "IMG_0002.heic").write_bytes(b"heic")
+    (tmp_path / "phone" / "notes.txt").write_text("not an image")
+    paths[0].rename(tmp_path / "phone" / "anim.gif")  # a PNG under a .gif name: read (PIL goes by content)
+    with pytest.warns(UserWarning, match=r"2 \.heic file\(s\) are not read.*convert them"):
+        samples, _ = scan_image_folder(tmp_path / "phone")
+    assert len(samples) == 4
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
