@@ -62,6 +62,22 @@ NDB_BINS = 20  # k-means bins of the reference features (fewer when the referenc
 NDB_ALPHA = 0.05  # significance level of each bin's two-proportion test
 NDB_FIT_MAX = 20000  # reference features k-means is fitted on (a seeded subset of larger sets; all are binned)
 NDB_SEED = 0  # the bins are a property of the reference set, not of an evaluation's seed
+# real images whose features KID and precision/recall compare with (a seeded subset of larger reference sets; FID's
+# moments, the spread and the bins use every image): precision/recall's k-NN radii need the real-real distances,
+# quadratic in this count (ImageNet's 1.28M: 1.6e12 pairs, 10 GB of features; 50k: seconds on a GPU)
+REFERENCE_FEATURES_MAX = 50000
+REFERENCE_FEATURES_SEED = 0
+
+
+def reference_subset(features: Tensor, limit: int | None = None) -> Tensor:
+    """The rows of ``features`` (N, D) that KID and precision/recall use: all of them up to ``limit`` (default
+    :data:`REFERENCE_FEATURES_MAX`), else a seeded subset of that size in the original order (the same rows for
+    the same reference, however often or on however many ranks it is computed)."""
+    limit = REFERENCE_FEATURES_MAX if limit is None else limit
+    if len(features) <= limit:
+        return features
+    keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(REFERENCE_FEATURES_SEED))[:limit]
+    return features[keep.sort().values]
 
 
 class MetricsError(SaganError):
@@ -486,6 +502,8 @@ class Evaluator:
                     break
                 if layer in need_features and entry.get("features") is None:
                     break
+                if entry.get("features") is not None:  # written before the cap, or under another cap
+                    entry["features"] = reference_subset(entry["features"])
                 if layer == self.spread_layer and "bins" not in entry:  # written before the bins existed
                     break
                 cached[layer] = entry
@@ -500,7 +518,7 @@ class Evaluator:
                 mu, sigma = _moments(f)
                 stats[layer] = {"mu": mu, "sigma": sigma, "count": torch.tensor(len(f)),
                                 "spread": class_spread(f, labels if num_classes else torch.zeros_like(labels), k),
-                                "features": f if layer in need_features else None}
+                                "features": reference_subset(f) if layer in need_features else None}
                 if layer == self.spread_layer:
                     bins = fit_bins(f)
                     stats[layer].update(bins=bins, bin_counts=bin_counts(f, bins) if bins is not None else None)
@@ -565,7 +583,9 @@ class Evaluator:
         ref = self.reference
         values: dict[str, float] = {}
         n = len(labels)
-        kid_size = min(self.kid_subset_size, n, ref.count if ref else n)
+        by_features = next((m for m in ("kid", "prc") if m in self.names), None)
+        n_ref = len(ref.stats[self.layers[by_features]]["features"]) if ref and by_features else None  # real rows
+        kid_size = min(self.kid_subset_size, n, n_ref or n)
         if "fid" in self.names:
             mu, sigma = _moments(feats[self.layers["fid"]])
             r = ref.stats[self.layers["fid"]]
@@ -598,7 +618,9 @@ class Evaluator:
                 values.update(ndb=ndb, jsd=jsd)
         protocol = _protocol(self.spec, self.names, self.layers, seed, kid_size, self.isc_splits,
                              self.allow_few_samples)
-        protocol.update(num_reference=ref.count if ref else None, spread_layer=self.spread_layer,
+        protocol.update(num_reference=ref.count if ref else None,
+                        num_reference_features=n_ref,
+                        spread_layer=self.spread_layer,
                         ndb_bins=len(ref.bins) if ref is not None and ref.bins is not None else None,
                         ndb_alpha=NDB_ALPHA,
                         world_size=dist_info()[1])

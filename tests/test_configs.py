@@ -24,6 +24,11 @@ CLAIMS = {
         d_widths=[64, 128, 256, 512, 1024], d_down=[True, True, True, True, False], n_dis=1, lr_g=1e-4,
         lr_d=4e-4, betas=(0.0, 0.9), batch_size=64, loss="hinge", iterations=100_000,
     ),
+    "imagenet128.yaml": dict(  # SAGAN paper section 5 + official code's 128x128 networks + BigGAN's batch / length
+        resolution=128, conditional=True, g_attn=[32], d_attn=[32], g_widths=[1024, 1024, 512, 256, 128, 64],
+        d_widths=[64, 128, 256, 512, 1024, 1024], d_down=[True, True, True, True, True, False], n_dis=1,
+        lr_g=1e-4, lr_d=4e-4, betas=(0.0, 0.9), batch_size=256, loss="hinge", iterations=1_000_000,
+    ),
 }
 
 

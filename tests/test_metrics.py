@@ -250,6 +250,38 @@ def test_reference_statistics_are_cached_and_invalidated(tmp_path):
     assert run(32).reads > 0
 
 
+def test_large_references_keep_a_seeded_subset_of_features_for_kid_and_recall(tmp_path, monkeypatch):
+    """k-NN recall needs every real-real distance: a reference over the cap keeps a seeded subset of its features
+    for KID and precision/recall (the same rows however it is computed or cached); FID's moments use every image."""
+    monkeypatch.setattr(M, "REFERENCE_FEATURES_MAX", 100)
+    real = real_digits()[:300]
+    full = _evaluator("fid,prc,kid")
+    full.load_reference(Images(real))  # features of all 300, for comparison
+    monkeypatch.setattr(M, "REFERENCE_FEATURES_MAX", 10_000)
+    uncapped = _evaluator("fid,prc,kid")
+    uncapped.load_reference(Images(real))
+    monkeypatch.setattr(M, "REFERENCE_FEATURES_MAX", 100)
+    layer = full.layers["prc"]
+    every = uncapped.reference.stats[layer]["features"]  # (300, D)
+    kept = full.reference.stats[layer]["features"]
+    assert every.shape[0] == 300 and kept.shape[0] == 100 and full.reference.count == 300
+    rows = [int(torch.nonzero((every == r).all(1))[0]) for r in kept]
+    assert rows == sorted(rows) and len(set(rows)) == 100 and rows[-1] > 150  # spread over the set, in order
+    assert torch.allclose(full.reference.stats[full.layers["fid"]]["mu"], every.double().mean(0).to(
+        full.reference.stats[full.layers["fid"]]["mu"].dtype), atol=1e-5)  # FID: all 300
+    protocol = full.images(Images(real_digits("test")[:120])).protocol
+    assert protocol["num_reference"] == 300 and protocol["num_reference_features"] == 100
+    # a cache entry written with all 300 rows (before the cap, or under a larger one) is read as the same subset
+    cache = str(tmp_path / "cache")
+    monkeypatch.setattr(M, "REFERENCE_FEATURES_MAX", 10_000)
+    _evaluator("fid,prc,kid").load_reference(Images(real), cache_name="digits300", cache_root=cache)
+    monkeypatch.setattr(M, "REFERENCE_FEATURES_MAX", 100)
+    counting = Images(real)
+    cached = _evaluator("fid,prc,kid")
+    cached.load_reference(counting, cache_name="digits300", cache_root=cache)
+    assert counting.reads == 0 and torch.equal(cached.reference.stats[layer]["features"], kept)
+
+
 def test_too_few_images_or_samples_is_a_clear_error():
     g = _tiny_generator(0)
     ev = _evaluator("fid")
