@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,20 +85,26 @@ def images_to_digits(images: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ image folder
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".")
+def _images_among(paths: Iterable[Path], unread: dict[str, int]) -> list[Path]:
+    """The readable image files among ``paths``, sorted; files that look like images but are not read (HEIC,
+    RAW, SVG, ...) are counted into ``unread`` by extension instead (one pass over the folder for both)."""
+    found = []
+    for p in paths:
+        ext = p.suffix.lower()
+        if p.name.startswith("."):
+            continue
+        if ext in IMG_EXTENSIONS:
+            if p.is_file():
+                found.append(p)
+        elif ext in UNREAD_IMAGE_EXTENSIONS:
+            unread[ext] = unread.get(ext, 0) + 1
+    return sorted(found)
 
 
-def _warn_unread(root: Path, subdirs: list[Path]) -> None:
-    """Warn about files that look like images but are not read (HEIC, RAW, SVG, ...): without the warning a
-    folder of phone photos would train on the few JPEGs among them, silently."""
-    files = [p for d in subdirs for p in d.rglob("*")] if subdirs else list(root.iterdir())
-    found: dict[str, int] = {}
-    for p in files:
-        if p.suffix.lower() in UNREAD_IMAGE_EXTENSIONS and not p.name.startswith("."):
-            found[p.suffix.lower()] = found.get(p.suffix.lower(), 0) + 1
-    if found:
-        kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(found.items()))
+def _warn_unread(root: Path, unread: dict[str, int]) -> None:
+    """Without this warning a folder of phone photos (HEIC) would train on the few JPEGs among them, silently."""
+    if unread:
+        kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(unread.items()))
         warnings.warn(f"image folder {str(root)!r}: {kinds} file(s) are not read (the folder path reads "
                       f"{', '.join(IMG_EXTENSIONS)}): convert them, e.g. to PNG or JPEG, to train on them",
                       stacklevel=3)
@@ -108,6 +115,7 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
 
     One subfolder per class (images found recursively inside each) makes a labelled set with classes in sorted
     order; images directly in ``root`` and no class subfolders make an unlabelled set (label 0, no classes).
+    A warning counts the files that look like images but are not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -116,11 +124,12 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
             "(flat, or one subfolder per class)"
         )
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    _warn_unread(root, subdirs)
+    unread: dict[str, int] = {}
     if subdirs:
+        per_class = [_images_among(d.rglob("*"), unread) for d in subdirs]
+        _warn_unread(root, unread)
         classes, samples = [], []
-        for label, d in enumerate(subdirs):
-            files = sorted(p for p in d.rglob("*") if _is_image(p))
+        for label, (d, files) in enumerate(zip(subdirs, per_class, strict=True)):
             if not files:
                 raise DataError(
                     f"class folder {str(d)!r} has no images ({', '.join(IMG_EXTENSIONS)}): add images to it or "
@@ -129,7 +138,8 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
             classes.append(d.name)
             samples += [(f, label) for f in files]
         return samples, classes
-    files = sorted(p for p in root.iterdir() if _is_image(p))
+    files = _images_among(root.iterdir(), unread)
+    _warn_unread(root, unread)
     if not files:
         raise DataError(
             f"image folder {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)}): put images in it, "
