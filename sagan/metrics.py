@@ -58,6 +58,7 @@ _RESULT_KEYS = {
     "f_score": "f_score",
 }
 SPREAD_MAX_PER_CLASS = 1000  # samples per class that the spread figure looks at (pairwise distances: quadratic)
+SPREAD_MAX_TOTAL = 50000  # ... and of the reference in all: with many classes (ImageNet: 1,000) fewer per class
 NDB_BINS = 20  # k-means bins of the reference features (fewer when the reference has under 10 images per bin)
 NDB_ALPHA = 0.05  # significance level of each bin's two-proportion test
 NDB_FIT_MAX = 20000  # reference features k-means is fitted on (a seeded subset of larger sets; all are binned)
@@ -69,15 +70,40 @@ REFERENCE_FEATURES_MAX = 50000
 REFERENCE_FEATURES_SEED = 0
 
 
-def reference_subset(features: Tensor, limit: int | None = None) -> Tensor:
-    """The rows of ``features`` (N, D) that KID and precision/recall use: all of them up to ``limit`` (default
-    :data:`REFERENCE_FEATURES_MAX`), else a seeded subset of that size in the original order (the same rows for
-    the same reference, however often or on however many ranks it is computed)."""
-    limit = REFERENCE_FEATURES_MAX if limit is None else limit
-    if len(features) <= limit:
-        return features
-    keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(REFERENCE_FEATURES_SEED))[:limit]
-    return features[keep.sort().values]
+def reference_subset_indices(n: int) -> Tensor:
+    """Which of ``n`` reference images KID and precision/recall use: all of them up to
+    :data:`REFERENCE_FEATURES_MAX`, else a seeded subset of that size, in the original order (the same rows for the
+    same reference, however often or on however many ranks it is computed)."""
+    if n <= REFERENCE_FEATURES_MAX:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(REFERENCE_FEATURES_SEED))[
+        :REFERENCE_FEATURES_MAX].sort().values
+
+
+def reference_subset(features: Tensor) -> Tensor:
+    """The rows of reference ``features`` (N, D) that KID and precision/recall use
+    (:func:`reference_subset_indices`)."""
+    return features if len(features) <= REFERENCE_FEATURES_MAX else features[reference_subset_indices(len(features))]
+
+
+def spread_per_class(num_classes: int) -> int:
+    """How many reference images of each class the spread figure uses: :data:`SPREAD_MAX_PER_CLASS`, fewer when
+    the classes together would exceed :data:`SPREAD_MAX_TOTAL` (the mean pairwise distance is unbiased at any n)."""
+    return max(2, min(SPREAD_MAX_PER_CLASS, SPREAD_MAX_TOTAL // max(num_classes, 1)))
+
+
+def spread_indices(labels: Tensor, num_classes: int) -> Tensor:
+    """The reference rows the spread figure uses: the first :func:`spread_per_class` of each class, sorted."""
+    per = spread_per_class(num_classes)
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per] for c in range(max(num_classes, 1))]).sort().values
+
+
+def ndb_fit_indices(n: int, seed: int = NDB_SEED) -> Tensor:
+    """The rows the k-means bins are fitted on, in the order k-means sees them: all of ``n`` up to
+    :data:`NDB_FIT_MAX`, else a seeded subset of that size."""
+    if n <= NDB_FIT_MAX:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:NDB_FIT_MAX]
 
 
 class MetricsError(SaganError):
@@ -337,6 +363,18 @@ def gather_rows(t: Tensor) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).cpu()
 
 
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of every rank's ``t`` (same shape on all), on every rank (CPU result); identity alone."""
+    import torch.distributed as dist
+
+    if dist_info()[1] == 1:
+        return t.cpu()
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = t.to(dev).contiguous()
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 # ---------------------------------------------------------------------------------------------------- scoring
 PRC_NEIGHBORHOOD = 3
 
@@ -362,9 +400,7 @@ def fit_bins(features: Tensor, num_bins: int = NDB_BINS, seed: int = NDB_SEED) -
     k = min(num_bins, len(features) // 10)
     if k < 2:
         return None
-    f = features
-    if len(f) > NDB_FIT_MAX:
-        f = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:NDB_FIT_MAX]]
+    f = features if len(features) <= NDB_FIT_MAX else features[ndb_fit_indices(len(features), seed)]
     km = KMeans(n_clusters=k, init="k-means++", n_init=3, random_state=seed).fit(f.double().numpy())
     return torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
 
@@ -453,7 +489,7 @@ class Evaluator:
 
     # --------------------------------------------------------------------------------------- features
     @torch.no_grad()
-    def _features(self, uint8_batches: Any, total: int, desc: str) -> dict[str, Tensor]:
+    def _features(self, uint8_batches: Any, total: int, desc: str, gather: bool = True) -> dict[str, Tensor]:
         from .progress import progress
 
         out: dict[str, list[Tensor]] = {}
@@ -464,9 +500,12 @@ class Evaluator:
                 for k, v in feats.items():
                     out.setdefault(k, []).append(v.detach().float().cpu())
                 bar.update(len(imgs))
-        return {k: gather_rows(torch.cat(v)) for k, v in out.items()}
+        return {k: gather_rows(torch.cat(v)) if gather else torch.cat(v) for k, v in out.items()}
 
-    def _dataset_features(self, dataset: Dataset, desc: str, num_workers: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    def _dataset_features(self, dataset: Dataset, desc: str, num_workers: int = 0,
+                          gather: bool = True) -> tuple[dict[str, Tensor], Tensor]:
+        """Features (N, D) per layer and labels (N,) of ``dataset``, each rank extracting its shard; with
+        ``gather=False`` the features are this rank's rows only (its :func:`shard`), the labels still all N."""
         from torch.utils.data import DataLoader, Subset
 
         rank, world = dist_info()
@@ -478,7 +517,7 @@ class Evaluator:
                 labels.append(torch.as_tensor(y))
                 yield imgs
 
-        feats = self._features(batches(), len(dataset), desc)
+        feats = self._features(batches(), len(dataset), desc, gather=gather)
         return feats, gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
 
     # -------------------------------------------------------------------------------------- reference
@@ -510,18 +549,7 @@ class Evaluator:
         if len(cached) == len(layers):
             stats = cached
         else:
-            feats, labels = self._dataset_features(dataset, "reference features", num_workers)
-            k = max(num_classes, 1)
-            stats = {}
-            for layer in layers:
-                f = feats[layer]
-                mu, sigma = _moments(f)
-                stats[layer] = {"mu": mu, "sigma": sigma, "count": torch.tensor(len(f)),
-                                "spread": class_spread(f, labels if num_classes else torch.zeros_like(labels), k),
-                                "features": reference_subset(f) if layer in need_features else None}
-                if layer == self.spread_layer:
-                    bins = fit_bins(f)
-                    stats[layer].update(bins=bins, bin_counts=bin_counts(f, bins) if bins is not None else None)
+            stats = self._reference_stats(dataset, num_classes, layers, need_features, num_workers)
             if cache_name and dist_info()[0] == 0:
                 for layer, entry in stats.items():
                     path = self._cache_path(cache_root, cache_name, layer)
@@ -533,6 +561,44 @@ class Evaluator:
         sl = stats[self.spread_layer]
         self.reference = Reference(count, num_classes, stats, sl["spread"], sl.get("bins"), sl.get("bin_counts"))
         return self.reference
+
+    def _reference_stats(self, dataset: Dataset, num_classes: int, layers: list[str], need_features: set[str],
+                         num_workers: int) -> dict[str, dict[str, Tensor]]:
+        """The reference statistics of every layer, each rank holding only its shard's features: the moments and
+        the bin counts are summed over ranks, and only the rows the spread, the bins' fit and KID / precision-recall
+        use are gathered (at most about 120,000, however large the set: ImageNet's 1.28M x 2048 features would be
+        10 GB on every rank). The numbers equal one process's on all the features (up to float rounding)."""
+        rank, world = dist_info()
+        local, labels = self._dataset_features(dataset, "reference features", num_workers, gather=False)
+        n, k = len(labels), max(num_classes, 1)
+        lab = labels if num_classes else torch.zeros_like(labels)
+        spread_idx, fit_idx = spread_indices(lab, num_classes), ndb_fit_indices(n)
+        kept = [spread_idx, fit_idx] + ([reference_subset_indices(n)] if need_features else [])
+        keep = torch.zeros(n, dtype=torch.bool)
+        for idx in kept:
+            keep[idx] = True
+        mine = shard(n, rank, world)
+        row_of = torch.full((n,), -1, dtype=torch.long)  # global index -> row of the gathered kept rows
+        row_of[keep] = torch.arange(int(keep.sum()))
+        stats = {}
+        for layer in layers:
+            f = local[layer]  # (n_rank, D)
+            if world == 1:
+                mu, sigma = _moments(f)
+            else:
+                mu = all_reduce_sum(f.double().sum(0)) / n
+                x = f.double() - mu
+                sigma = all_reduce_sum(x.T @ x) / max(n - 1, 1)
+            rows = gather_rows(f[keep[mine.start:mine.stop]])  # (kept, D), in global order
+            per = spread_per_class(num_classes)
+            stats[layer] = {"mu": mu, "sigma": sigma, "count": torch.tensor(n),
+                            "spread": class_spread(rows[row_of[spread_idx]], lab[spread_idx], k, per),
+                            "features": rows[row_of[reference_subset_indices(n)]] if layer in need_features else None}
+            if layer == self.spread_layer:
+                bins = fit_bins(rows[row_of[fit_idx]])  # at most NDB_FIT_MAX rows, in the order k-means sees them
+                counts = all_reduce_sum(bin_counts(f, bins)) if bins is not None else None
+                stats[layer].update(bins=bins, bin_counts=counts)
+        return stats
 
     # ---------------------------------------------------------------------------------------- scoring
     @torch.no_grad()

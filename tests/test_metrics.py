@@ -342,6 +342,66 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
             assert dist_v[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
 
 
+CAPS = dict(REFERENCE_FEATURES_MAX=150, NDB_FIT_MAX=300, SPREAD_MAX_TOTAL=400)  # 40 per class: 850 of 1,437 rows
+
+
+def _capped_reference_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A reference on ``world`` ranks with small caps; records the largest block of features any gather moved."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    for k, v in CAPS.items():
+        setattr(M, k, v)
+    gathered = [0]
+    real_gather = M.gather_rows
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        out_t = real_gather(t)
+        if out_t.dim() == 2:
+            gathered[0] = max(gathered[0], len(out_t))
+        return out_t
+
+    M.gather_rows = spy
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ev = _evaluator("fid,prc")
+        ev.load_reference(SAGANData("digits", resolution=32).build_dataset("train"), num_classes=10)
+        r = ev.reference
+        torch.save({"stats": r.stats["64"], "spread": r.spread, "bins": r.bins, "bin_counts": r.bin_counts,
+                    "gathered": gathered[0]}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_reference_gathers_only_the_rows_it_keeps(tmp_path, monkeypatch):
+    """Each rank holds its own shard's features; moments and bin counts are summed over ranks and only the rows
+    the spread, the bins' fit and precision/recall use are gathered: the statistics equal one process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_capped_reference_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for k, v in CAPS.items():
+        monkeypatch.setattr(M, k, v)
+    ev = _evaluator("fid,prc")
+    ev.load_reference(SAGANData("digits", resolution=32).build_dataset("train"), num_classes=10)
+    one = ev.reference
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert 0 < r0["gathered"] <= 850 < 1437  # never every image's features
+    assert M.spread_per_class(10) == 40 and M.spread_per_class(1000) == 2 and M.spread_per_class(3) == 133
+    for r in (r0, r1):
+        torch.testing.assert_close(r["stats"]["mu"], one.stats["64"]["mu"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r["stats"]["sigma"], one.stats["64"]["sigma"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["stats"]["features"], one.stats["64"]["features"], rtol=1e-5, atol=1e-5)
+        assert r["stats"]["features"].shape == (150, 64) and int(r["stats"]["count"]) == 1437
+        torch.testing.assert_close(r["spread"], one.spread, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r["bins"], one.bins, rtol=1e-4, atol=1e-4)
+        assert int(r["bin_counts"].sum()) == 1437 and (r["bin_counts"] - one.bin_counts).abs().max() <= 2
+
+
 def test_missing_or_foreign_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(M.MetricsError, match=r"does not exist.*weights-inception-2015-12-05"):
         M.resolve_feature_extractor(M.INCEPTION, str(tmp_path / "nope.pth"))
