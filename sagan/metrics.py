@@ -573,9 +573,9 @@ class Evaluator:
         n, k = len(labels), max(num_classes, 1)
         lab = labels if num_classes else torch.zeros_like(labels)
         spread_idx, fit_idx = spread_indices(lab, num_classes), ndb_fit_indices(n)
-        kept = [spread_idx, fit_idx] + ([reference_subset_indices(n)] if need_features else [])
+        feature_idx = reference_subset_indices(n)
         keep = torch.zeros(n, dtype=torch.bool)
-        for idx in kept:
+        for idx in [spread_idx, fit_idx] + ([feature_idx] if need_features else []):
             keep[idx] = True
         mine = shard(n, rank, world)
         row_of = torch.full((n,), -1, dtype=torch.long)  # global index -> row of the gathered kept rows
@@ -590,10 +590,9 @@ class Evaluator:
                 x = f.double() - mu
                 sigma = all_reduce_sum(x.T @ x) / max(n - 1, 1)
             rows = gather_rows(f[keep[mine.start:mine.stop]])  # (kept, D), in global order
-            per = spread_per_class(num_classes)
             stats[layer] = {"mu": mu, "sigma": sigma, "count": torch.tensor(n),
-                            "spread": class_spread(rows[row_of[spread_idx]], lab[spread_idx], k, per),
-                            "features": rows[row_of[reference_subset_indices(n)]] if layer in need_features else None}
+                            "spread": class_spread(rows[row_of[spread_idx]], lab[spread_idx], k),
+                            "features": rows[row_of[feature_idx]] if layer in need_features else None}
             if layer == self.spread_layer:
                 bins = fit_bins(rows[row_of[fit_idx]])  # at most NDB_FIT_MAX rows, in the order k-means sees them
                 counts = all_reduce_sum(bin_counts(f, bins)) if bins is not None else None
