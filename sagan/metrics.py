@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,11 +61,13 @@ SPREAD_MAX_PER_CLASS = 1000  # samples per class that the spread figure looks at
 SPREAD_MAX_TOTAL = 50000  # ... and of the reference in all: with many classes (ImageNet: 1,000) fewer per class
 NDB_BINS = 20  # k-means bins of the reference features (fewer when the reference has under 10 images per bin)
 NDB_ALPHA = 0.05  # significance level of each bin's two-proportion test
-NDB_FIT_MAX = 20000  # reference features k-means is fitted on (a seeded subset of larger sets; all are binned)
+NDB_FIT_MAX = 20000  # reference features k-means is fitted on (a seeded subset of larger sets)
 NDB_SEED = 0  # the bins are a property of the reference set, not of an evaluation's seed
-# real images whose features KID and precision/recall compare with (a seeded subset of larger reference sets; FID's
-# moments, the spread and the bins use every image): precision/recall's k-NN radii need the real-real distances,
-# quadratic in this count (ImageNet's 1.28M: 1.6e12 pairs, 10 GB of features; 50k: seconds on a GPU)
+# real images whose features KID and precision/recall compare with, and whose bin counts NDB and JSD use (a seeded
+# subset of larger reference sets; FID's moments use every image): precision/recall's k-NN radii need the real-real
+# distances, quadratic in this count (ImageNet's 1.28M: 1.6e12 pairs, 10 GB of features; 50k: seconds on a GPU).
+# The bins are counted on the same rows because their centres exist only after the one pass over the set; 50,000
+# real images leave each bin's share a standard error of at most 0.0023, small next to the generated side's.
 REFERENCE_FEATURES_MAX = 50000
 REFERENCE_FEATURES_SEED = 0
 
@@ -432,6 +434,100 @@ def ndb_jsd(real: Tensor, generated: Tensor, alpha: float = NDB_ALPHA) -> tuple[
     return float(different.double().mean()), float((kl(p1) + kl(p2)) / 2)
 
 
+class StreamingMoments:
+    """Mean and scatter matrix (sum of outer products of deviations) of feature rows, in float64, one batch at a
+    time (the pairwise update of Chan, Golub & LeVeque 1979: each batch's own two-pass moments, merged), so the
+    rows need not be held; :meth:`merged` combines the ranks' moments the same way."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Tensor | None = None  # (D,)
+        self.scatter: Tensor | None = None  # (D, D)
+
+    def add(self, f: Tensor) -> None:
+        """Add rows (B, D)."""
+        b = len(f)
+        if b == 0:
+            return
+        f = f.double()
+        mean_b = f.mean(dim=0)
+        x = f - mean_b
+        if self.mean is None:
+            self.n, self.mean, self.scatter = b, mean_b, x.T @ x
+            return
+        n = self.n + b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (b / n)
+        self.scatter.addmm_(x.T, x).addr_(delta, delta, alpha=self.n * b / n)
+        self.n = n
+
+    def merged(self) -> tuple[Tensor, Tensor]:
+        """Mean (D,) and unbiased covariance (D, D) over every rank's rows (CPU, float64). Every rank must hold
+        at least one row."""
+        if self.mean is None:
+            raise MetricsError("no reference images on this process: use at least as many images as processes")
+        mean, scatter = self.mean.cpu(), self.scatter.cpu()
+        if dist_info()[1] > 1:
+            n = float(all_reduce_sum(torch.tensor([float(self.n)], dtype=torch.float64))[0])
+            total_mean = all_reduce_sum(mean * self.n) / n
+            delta = mean - total_mean
+            scatter = all_reduce_sum(scatter + torch.outer(delta, delta) * self.n)
+            return total_mean, scatter / max(n - 1, 1)
+        return mean, scatter / max(self.n - 1, 1)
+
+
+class ReferenceStream:
+    """One rank's pass over its shard of the reference set, holding only what the statistics need: per layer
+    :class:`StreamingMoments` and the feature rows some statistic reads. These are the ``fixed`` rows, chosen by
+    index alone (the bins' fit and the KID / precision-recall subset), and this rank's first
+    :func:`spread_per_class` rows of each class (the spread takes the first of each class over all ranks, which
+    are among them). So a rank holds at most about ``NDB_FIT_MAX + REFERENCE_FEATURES_MAX + SPREAD_MAX_TOTAL``
+    rows, whatever the size of the set."""
+
+    def __init__(self, num_classes: int, fixed: Tensor) -> None:
+        self.conditional, self.k = num_classes > 0, max(num_classes, 1)
+        self.fixed = fixed  # (N,) bool over the whole set
+        self.per = spread_per_class(num_classes)
+        self.seen = torch.zeros(self.k, dtype=torch.long)  # rows of each class this rank has read
+        self.moments: dict[str, StreamingMoments] = {}
+        self._rows: dict[str, list[Tensor]] = {}
+        self._index: list[Tensor] = []
+        self._labels: list[Tensor] = []
+        self._candidate: list[Tensor] = []
+        self.held = 0  # rows held per layer
+
+    def add(self, start: int, labels: Tensor, feats: dict[str, Tensor]) -> None:
+        """Rows ``start`` .. ``start + B - 1`` of the set: labels (B,) and features (B, D) per layer."""
+        b = len(labels)
+        index = torch.arange(start, start + b)
+        lab = labels.long() if self.conditional else torch.zeros(b, dtype=torch.long)
+        onehot = torch.nn.functional.one_hot(lab, self.k)  # (B, K)
+        nth = (onehot.cumsum(0) * onehot).sum(1) - 1  # (B,): how many of its class came before it in the batch
+        candidate = self.seen[lab] + nth < self.per
+        self.seen += onehot.sum(0)
+        keep = candidate | self.fixed[index]
+        keep_dev = None
+        for layer, f in feats.items():
+            self.moments.setdefault(layer, StreamingMoments()).add(f)
+            keep_dev = keep.to(f.device) if keep_dev is None else keep_dev
+            self._rows.setdefault(layer, []).append(f[keep_dev].cpu())
+        self._index.append(index[keep])
+        self._labels.append(lab[keep])
+        self._candidate.append(candidate[keep])
+        self.held += int(keep.sum())
+
+    def held_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Global index (M,), label (M,) and whether a spread candidate (M,) of the rows held, ascending."""
+        def cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+        return cat(self._index, torch.long), cat(self._labels, torch.long), cat(self._candidate, torch.bool)
+
+    def rows(self, layer: str) -> Tensor:
+        """The rows held of ``layer`` (M, D), in the order of :meth:`held_rows`."""
+        return torch.cat(self._rows[layer])
+
+
 @dataclass
 class Reference:
     """What metrics need of the reference set, per feature layer: mean and covariance (FID), the features
@@ -489,35 +585,48 @@ class Evaluator:
 
     # --------------------------------------------------------------------------------------- features
     @torch.no_grad()
-    def _features(self, uint8_batches: Any, total: int, desc: str, gather: bool = True) -> dict[str, Tensor]:
+    def _extract(self, imgs: Tensor) -> dict[str, Tensor]:
+        """Features per layer of a uint8 batch (B, 3, H, W): float32 (B, D) on :attr:`device`."""
+        feats = self.extractor.convert_features_tuple_to_dict(self.extractor(imgs.to(self.device)))
+        return {k: v.detach().float() for k, v in feats.items()}
+
+    @torch.no_grad()
+    def _features(self, uint8_batches: Any, total: int, desc: str) -> dict[str, Tensor]:
+        """Features (N, D) per layer of every rank's batches, gathered in rank order (CPU)."""
         from .progress import progress
 
         out: dict[str, list[Tensor]] = {}
         rank, _ = dist_info()
         with progress(total, desc, "img", disable=not self.progress or rank != 0) as bar:
             for imgs in uint8_batches:
-                feats = self.extractor.convert_features_tuple_to_dict(self.extractor(imgs.to(self.device)))
-                for k, v in feats.items():
-                    out.setdefault(k, []).append(v.detach().float().cpu())
+                for k, v in self._extract(imgs).items():
+                    out.setdefault(k, []).append(v.cpu())
                 bar.update(len(imgs))
-        return {k: gather_rows(torch.cat(v)) if gather else torch.cat(v) for k, v in out.items()}
+        return {k: gather_rows(torch.cat(v)) for k, v in out.items()}
 
-    def _dataset_features(self, dataset: Dataset, desc: str, num_workers: int = 0,
-                          gather: bool = True) -> tuple[dict[str, Tensor], Tensor]:
-        """Features (N, D) per layer and labels (N,) of ``dataset``, each rank extracting its shard; with
-        ``gather=False`` the features are this rank's rows only (its :func:`shard`), the labels still all N."""
+    def _dataset_batches(self, dataset: Dataset, num_workers: int = 0) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """This rank's :func:`shard` of ``dataset`` as (index of the batch's first image in ``dataset``, uint8
+        images (B, 3, H, W), labels (B,)) batches, in order."""
         from torch.utils.data import DataLoader, Subset
 
         rank, world = dist_info()
-        part = Subset(UInt8Images(dataset, with_labels=True), list(shard(len(dataset), rank, world)))
+        mine = shard(len(dataset), rank, world)
+        start = mine.start
+        for imgs, y in DataLoader(Subset(UInt8Images(dataset, with_labels=True), mine),
+                                  batch_size=self.batch_size, num_workers=num_workers):
+            yield start, imgs, torch.as_tensor(y)
+            start += len(imgs)
+
+    def _dataset_features(self, dataset: Dataset, desc: str, num_workers: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+        """Features (N, D) per layer and labels (N,) of ``dataset``, each rank extracting its shard."""
         labels: list[Tensor] = []
 
         def batches():
-            for imgs, y in DataLoader(part, batch_size=self.batch_size, num_workers=num_workers):
-                labels.append(torch.as_tensor(y))
+            for _, imgs, y in self._dataset_batches(dataset, num_workers):
+                labels.append(y)
                 yield imgs
 
-        feats = self._features(batches(), len(dataset), desc, gather=gather)
+        feats = self._features(batches(), len(dataset), desc)
         return feats, gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
 
     # -------------------------------------------------------------------------------------- reference
@@ -564,38 +673,48 @@ class Evaluator:
 
     def _reference_stats(self, dataset: Dataset, num_classes: int, layers: list[str], need_features: set[str],
                          num_workers: int) -> dict[str, dict[str, Tensor]]:
-        """The reference statistics of every layer, each rank holding only its shard's features: the moments and
-        the bin counts are summed over ranks, and only the rows the spread, the bins' fit and KID / precision-recall
-        use are gathered (at most about 120,000, however large the set: ImageNet's 1.28M x 2048 features would be
-        10 GB on every rank). The numbers equal one process's on all the features (up to float rounding)."""
-        rank, world = dist_info()
-        local, labels = self._dataset_features(dataset, "reference features", num_workers, gather=False)
-        n, k = len(labels), max(num_classes, 1)
-        lab = labels if num_classes else torch.zeros_like(labels)
-        spread_idx, fit_idx = spread_indices(lab, num_classes), ndb_fit_indices(n)
-        feature_idx = reference_subset_indices(n)
-        keep = torch.zeros(n, dtype=torch.bool)
-        for idx in [spread_idx, fit_idx] + ([feature_idx] if need_features else []):
-            keep[idx] = True
-        mine = shard(n, rank, world)
-        row_of = torch.full((n,), -1, dtype=torch.long)  # global index -> row of the gathered kept rows
-        row_of[keep] = torch.arange(int(keep.sum()))
+        """The reference statistics of every layer in one streaming pass: each rank reads its shard and holds only
+        running moments and the rows some statistic reads (:class:`ReferenceStream`: at most about 120,000 rows,
+        however large the set; ImageNet's 1.28M x 2048 features would be 10 GB). The moments are merged over
+        ranks, and only the kept rows are gathered. Any number of ranks gives one process's numbers (the moments
+        up to float rounding)."""
+        from .progress import progress
+
+        n, world = len(dataset), dist_info()[1]
+        if n < world:  # every rank's moments need a row (checked on all ranks alike: none waits in a collective)
+            raise MetricsError(f"the reference set has {n} images, fewer than the {world} processes sharing it: "
+                               "use a larger reference set")
+        fit_idx, feature_idx = ndb_fit_indices(n), reference_subset_indices(n)
+        fixed = torch.zeros(n, dtype=torch.bool)
+        fixed[fit_idx] = True
+        fixed[feature_idx] = True
+        stream = ReferenceStream(num_classes, fixed)
+        with progress(n, "reference features", "img", disable=not self.progress or dist_info()[0] != 0) as bar:
+            for start, imgs, y in self._dataset_batches(dataset, num_workers):
+                stream.add(start, y, self._extract(imgs))
+                bar.update(len(imgs))
+        index, labels, candidate = stream.held_rows()
+        # the spread reads the first rows of each class over all ranks: chosen among every rank's candidates
+        cand_idx, cand_lab = gather_rows(index[candidate]), gather_rows(labels[candidate])
+        first = spread_indices(cand_lab, num_classes)
+        spread_idx, spread_lab = cand_idx[first], cand_lab[first]
+        keep = fixed[index] | torch.isin(index, spread_idx)
+        kept = gather_rows(index[keep])  # (kept,) global indices, ascending (ranks hold contiguous blocks)
+
+        def rows_of(idx: Tensor) -> Tensor:
+            return torch.searchsorted(kept, idx)
+
+        k = max(num_classes, 1)
         stats = {}
         for layer in layers:
-            f = local[layer]  # (n_rank, D)
-            if world == 1:
-                mu, sigma = _moments(f)
-            else:
-                mu = all_reduce_sum(f.double().sum(0)) / n
-                x = f.double() - mu
-                sigma = all_reduce_sum(x.T @ x) / max(n - 1, 1)
-            rows = gather_rows(f[keep[mine.start:mine.stop]])  # (kept, D), in global order
+            mu, sigma = stream.moments[layer].merged()
+            rows = gather_rows(stream.rows(layer)[keep])  # (kept, D)
             stats[layer] = {"mu": mu, "sigma": sigma, "count": torch.tensor(n),
-                            "spread": class_spread(rows[row_of[spread_idx]], lab[spread_idx], k),
-                            "features": rows[row_of[feature_idx]] if layer in need_features else None}
+                            "spread": class_spread(rows[rows_of(spread_idx)], spread_lab, k),
+                            "features": rows[rows_of(feature_idx)] if layer in need_features else None}
             if layer == self.spread_layer:
-                bins = fit_bins(rows[row_of[fit_idx]])  # at most NDB_FIT_MAX rows, in the order k-means sees them
-                counts = all_reduce_sum(bin_counts(f, bins)) if bins is not None else None
+                bins = fit_bins(rows[rows_of(fit_idx)])  # at most NDB_FIT_MAX rows, in the order k-means sees them
+                counts = bin_counts(rows[rows_of(feature_idx)], bins) if bins is not None else None
                 stats[layer].update(bins=bins, bin_counts=counts)
         return stats
 

@@ -12,6 +12,7 @@
     python scripts/benchmark.py decode [--resolutions 32 64 128] [--repeats 5]   (needs scikit-image)
     python scripts/benchmark.py ema [--repeats 200]
     python scripts/benchmark.py reuse [--steps 150] [--repeats 3]
+    python scripts/benchmark.py reference [--sizes 100000 300000 1000000]
 
 Sections:
   attention attention block (SelfAttention2d: its 1x1 convs, pooling and output projection included) forward +
@@ -56,6 +57,15 @@ Sections:
   reuse     iteration time of the digits config (``make demo``'s recipe, its data, no logger) with
             ``model.reuse_fakes`` off (the G step draws fresh images) and on (it trains on the D step's); runs
             alternate (off, on, off, on, ...), mean iteration time after a warm-up, the ratio per pair.
+  reference memory and time of a reference set's statistics (``Evaluator.load_reference``, no cache: one
+            streaming pass that holds running moments and the rows the spread, the bins and KID / precision-recall
+            read) against extracting and holding every feature of it (``Evaluator._dataset_features``, what the
+            reference did before 2026-11-24 and what scoring an image set does), per set size: the 1,437 training
+            digits repeated to the size, digits-mlp features (64-d), one process, each case in a fresh process;
+            peak resident memory above the level after a warm-up on a small set. The cases run with glibc's
+            mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_), so the peak counts what the code holds:
+            with glibc's default (a threshold that rises as blocks are freed), the freed per-batch temporaries
+            stay in the heap by a varying amount, measured 0.1-6 GB at a million images in either mode.
 """
 
 from __future__ import annotations
@@ -273,6 +283,58 @@ def bench_reuse(steps: int, repeats: int, warmup: int = 20) -> list[str]:
         f"| on (the D step's images) | {statistics.fmean(on) * 1e3:.1f} | {', '.join(f'{x * 1e3:.1f}' for x in on)} |",
         f"speed-up per pair (off / on): {', '.join(f'{r:.3f}x' for r in ratios)}; mean {statistics.fmean(ratios):.3f}x",
     ]
+
+
+def _reference_case(n: int, mode: str) -> dict:
+    """One reference case in this process: seconds and peak resident memory above the level after a warm-up."""
+    import resource
+
+    from torch.utils.data import Dataset
+
+    from sagan.data import SAGANData
+
+    digits = M.UInt8Images(SAGANData("digits", resolution=32).build_dataset("train"), with_labels=True)
+    base_items = [digits[i] for i in range(len(digits))]
+
+    class Repeated(Dataset):
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        def __len__(self) -> int:
+            return self.size
+
+        def __getitem__(self, i: int):
+            return base_items[i % len(base_items)]
+
+    ev = M.Evaluator("digits-mlp", "fid,prc,kid", device="cpu", batch_size=1000)
+    ev.load_reference(Repeated(5000), num_classes=10)  # libraries, allocator arenas: in the baseline
+    ev._dataset_features(Repeated(5000), "warm-up")
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    if mode == "stream":
+        ev.load_reference(Repeated(n), num_classes=10)
+    else:
+        feats, _ = ev._dataset_features(Repeated(n), "all features")
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"s": seconds, "peak_mib": peak / 2**20}
+
+
+def bench_reference(sizes: list[int]) -> list[str]:
+    import json
+
+    rows = ["| reference images | features alone (64-d float32) | held: peak MiB | held: s | streamed: peak MiB "
+            "| streamed: s |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in sizes:
+        out = {}
+        for mode in ("hold", "stream"):
+            cmd = [sys.executable, __file__, "_reference_case", "--sizes", str(n), "--mode", mode]
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # see the docstring
+            out[mode] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                                  env=env).stdout.splitlines()[-1])
+        rows.append(f"| {n:,} | {n * 64 * 4 / 2**20:.0f} MiB | {out['hold']['peak_mib']:.0f} | {out['hold']['s']:.1f} | "
+                    f"{out['stream']['peak_mib']:.0f} | {out['stream']['s']:.1f} |")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------- attention
@@ -753,8 +815,8 @@ def bench_ddp(iters: int, warmup: int = 5) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", choices=["attention", "train", "ddp", "generate", "logging", "fid", "loader",
-                                       "decode", "ema", "reuse",
-                                       "_attn_case",
+                                       "decode", "ema", "reuse", "reference",
+                                       "_attn_case", "_reference_case",
                                        "_train_case", "_ddp_case"])
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--res", type=int)
@@ -786,6 +848,11 @@ def main() -> None:
         import json
 
         print(json.dumps(_attn_case(a.res, a.pool, a.explicit, a.repeats or 5)))
+        return
+    if a.section == "_reference_case":
+        import json
+
+        print(json.dumps(_reference_case(a.sizes[0], a.mode)))
         return
     if a.section == "_ddp_case":
         _ddp_case(a.devices, a.iters, a.warmup)
@@ -819,6 +886,8 @@ def main() -> None:
         rows = bench_ema(a.repeats or 200)
     elif a.section == "reuse":
         rows = bench_reuse(a.steps, a.repeats or 3)
+    elif a.section == "reference":
+        rows = bench_reference(a.sizes if a.sizes != [1000, 10000] else [100000, 300000, 1000000])
     print("\n".join(rows))
 
 

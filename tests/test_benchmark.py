@@ -47,3 +47,9 @@ def test_ema_section_times_both_configs_and_counts_operators():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[0] == config and int(cells[2]) > 10  # SN weights in G
         assert float(cells[3]) > 0 and int(cells[4]) > 10 * int(cells[2])  # ms; at least 10 ops per SN weight
+
+
+def test_reference_case_reports_time_and_memory_for_both_modes():
+    for mode in ("hold", "stream"):
+        d = benchmark._reference_case(6000, mode)
+        assert d["s"] > 0 and d["peak_mib"] >= 0

@@ -399,7 +399,38 @@ def test_distributed_reference_gathers_only_the_rows_it_keeps(tmp_path, monkeypa
         assert r["stats"]["features"].shape == (150, 64) and int(r["stats"]["count"]) == 1437
         torch.testing.assert_close(r["spread"], one.spread, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["bins"], one.bins, rtol=1e-4, atol=1e-4)
-        assert int(r["bin_counts"].sum()) == 1437 and (r["bin_counts"] - one.bin_counts).abs().max() <= 2
+        assert int(r["bin_counts"].sum()) == 150 and torch.equal(r["bin_counts"], one.bin_counts)  # the subset's
+
+
+def test_reference_is_streamed_holding_only_the_rows_it_reads(monkeypatch):
+    """One pass over the reference: its moments equal those of all its features at once (FID uses every image),
+    while the process never holds more than the rows that the spread, the bins' fit and KID / precision-recall
+    read, however large the set; the bins count the KID / precision-recall subset."""
+    for k, v in CAPS.items():
+        monkeypatch.setattr(M, k, v)
+    held: list[int] = []
+    real_add = M.ReferenceStream.add
+
+    def spy(self: M.ReferenceStream, *args) -> None:
+        real_add(self, *args)
+        held.append(self.held)
+
+    monkeypatch.setattr(M.ReferenceStream, "add", spy)
+    data = SAGANData("digits", resolution=32).build_dataset("train")
+    ev = _evaluator("fid,prc", batch_size=50)
+    ev.load_reference(data, num_classes=10)
+    assert len(held) == 29 and 0 < max(held) <= 850 < 1437  # 150 + 300 + 40 per class, at most
+    every, labels = ev._dataset_features(data, "all of them")
+    f, ref = every["64"], ev.reference
+    mu, sigma = M._moments(f)
+    torch.testing.assert_close(ref.stats["64"]["mu"], mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ref.stats["64"]["sigma"], sigma, rtol=1e-10, atol=1e-12)
+    subset = f[M.reference_subset_indices(1437)]  # (150, 64)
+    assert torch.equal(ref.stats["64"]["features"], subset)
+    assert torch.equal(ref.bin_counts, M.bin_counts(subset, ref.bins)) and int(ref.bin_counts.sum()) == 150
+    first = M.spread_indices(labels, 10)  # the first 40 of each class
+    assert len(first) == 400
+    torch.testing.assert_close(ref.spread, M.class_spread(f[first], labels[first], 10))
 
 
 def test_missing_or_foreign_weights_file_is_a_clear_error(tmp_path):
