@@ -532,7 +532,8 @@ class ReferenceStream:
 class Reference:
     """What metrics need of the reference set, per feature layer: mean and covariance (FID), the features
     themselves when KID or precision/recall ask for them, and, on the spread layer, the per-class spread and the
-    k-means bins with the reference's count in each (``ndb``, ``jsd``; None when it is too small for bins)."""
+    k-means bins with the count in each of the reference rows KID / precision-recall use (all of a set of up to
+    :data:`REFERENCE_FEATURES_MAX`; ``ndb``, ``jsd``; None when the set is too small for bins)."""
 
     count: int
     num_classes: int
