@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
 def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     from .features import DIGITS_FEATURE_EXTRACTOR
     from .metrics import Evaluator, dist_info
-    from .sampling import generator_from_checkpoint, load_checkpoint
+    from .sampling import class_names, generator_from_checkpoint, load_checkpoint
 
     if a.num_samples < 1:
         raise MetricsError(f"--num-samples must be a positive integer, got {a.num_samples}")
@@ -137,6 +138,10 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
                    "channels": dm.channels, "fingerprint": dm.fingerprint(a.ref_split)},
     )
     out: dict[str, Any] = {"metrics": res.values, "protocol": protocol}
+    per_class = _spread_by_class(res.spread_per_class, dm.classes if len(dm.classes) == g.num_classes
+                                 else class_names(ckpt, g.num_classes))
+    if per_class:
+        out["spread_per_class"] = per_class
     if a.floor:
         held_out = [s for s in dm.splits if s != a.ref_split]
         if not held_out:
@@ -164,8 +169,19 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
                 print(f"at the floor's sample count ({n} generated, mean of {MATCHED_DRAWS} draws): FID = "
                       f"{m['fid'] / max(floor.values['fid'], 1e-12):.2f} x the floor"
                       + (f"; recall {m['recall']:.3f} vs {floor.values['recall']:.3f}" if "recall" in m else ""))
+        if per_class:
+            low = sorted(per_class.items(), key=lambda kv: kv[1])[:3]
+            print("least varied classes (spread, generated over real): "
+                  + ", ".join(f"{name} {v:.2f}" for name, v in low))
     json_path = Path(a.json) if a.json else Path(a.ckpt).with_suffix(".metrics.json")
     return out | {"_json": json_path if rank == 0 else None}
+
+
+def _spread_by_class(ratios: list[float] | None, names: list[str]) -> dict[str, float]:
+    """{class name: generated over real spread} for a conditional model's classes with a finite spread."""
+    if not ratios or len(ratios) != len(names) or len(names) < 2:
+        return {}
+    return {n: float(r) for n, r in zip(names, ratios) if math.isfinite(r)}
 
 
 def _matched_draws(ev: Any, g: torch.nn.Module, n: int, seed: int) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """``sagan generate``: images, grids, interpolations and attention maps from a checkpoint of ``sagan fit``.
 
     sagan generate --ckpt outputs/digits/checkpoints/last.ckpt --outdir out --seeds 0-99
-    sagan generate --ckpt ... --outdir out --per-class --num 10 --grid          # out/<class>/<seed>.png + grid
-    sagan generate --ckpt ... --outdir out --seeds 0-7 --truncation 1.0 --class-label 3
+    sagan generate --ckpt ... --outdir out --per-class --num 10 --grid          # out/<class name>/<seed>.png + grid
+    sagan generate --ckpt ... --outdir out --seeds 0-7 --truncation 1.0 --class-label 3     # a label or a name
     sagan generate --ckpt ... --outdir out --interpolate 1 2 --steps 9 [--interpolate-classes 3 8]
     sagan generate --ckpt ... --outdir out --seeds 0-3 --attention-maps
 
@@ -24,7 +24,8 @@ from torchvision.utils import make_grid, save_image
 from .errors import SaganError
 from .models import Generator
 from .progress import track
-from .sampling import generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds, parse_seeds, slerp
+from .sampling import (class_names, generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds,
+                       load_checkpoint, parse_class, parse_seeds, slerp)
 from .visualize import attention_figure, default_query_points
 
 
@@ -35,14 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", required=True, help="output folder")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--seeds", help="seeds, e.g. 0-99 or 1,5,9 (default 0-63)")
-    which.add_argument("--num", type=int, help="N images: seeds 0..N-1")
-    p.add_argument("--class-label", type=int, help="class of every image (conditional models)")
-    p.add_argument("--per-class", action="store_true", help="every seed for every class: OUTDIR/<class>/<seed>.png")
+    which.add_argument("--num", "--num-samples", dest="num", type=int,
+                       help="N images: seeds 0..N-1 (--num-samples as in sagan evaluate)")
+    p.add_argument("--class-label", "--class", dest="class_label",
+                   help="class of every image (conditional models): its name (an image folder's class subfolder) or label")
+    p.add_argument("--per-class", action="store_true",
+                   help="every seed for every class: OUTDIR/<class name>/<seed>.png")
     p.add_argument("--grid", action="store_true", help="also write OUTDIR/grid.png (rows = classes when per class)")
     p.add_argument("--no-images", action="store_true", help="write only the grid / strip / maps, no single images")
     p.add_argument("--truncation", type=float, help="truncation trick: redraw latent entries with |z| > T")
     p.add_argument("--interpolate", nargs=2, type=int, metavar=("SEED_A", "SEED_B"), help="latent interpolation strip")
-    p.add_argument("--interpolate-classes", nargs=2, type=int, metavar=("CLASS_A", "CLASS_B"),
+    p.add_argument("--interpolate-classes", nargs=2, metavar=("CLASS_A", "CLASS_B"),
                    help="also interpolate the class (conditional models), jointly with the latent")
     p.add_argument("--steps", type=int, default=8, help="images in the interpolation strip (default 8)")
     p.add_argument("--attention-maps", action="store_true", help="draw attention maps for the seeds (first 8)")
@@ -94,13 +98,19 @@ def run(a: argparse.Namespace) -> str:
             raise SaganError(f"--device {a.device}: CUDA is not available on this machine; use --device cpu")
     except RuntimeError as e:
         raise SaganError(f"--device {a.device!r} is not a device: {e}") from None
-    g = generator_from_checkpoint(a.ckpt, ema=not a.no_ema, device=device)
+    ckpt = load_checkpoint(a.ckpt)
+    g = generator_from_checkpoint(ckpt, ema=not a.no_ema, device=device)
     k = g.num_classes
     for flag, val in (("--class-label", a.class_label), ("--interpolate-classes", a.interpolate_classes)):
         if val is not None and k == 0:
             raise SaganError(f"{flag} needs a class-conditional model; this one is unconditional")
-    if a.class_label is not None and not 0 <= a.class_label < k:
-        raise SaganError(f"--class-label {a.class_label} is out of range: the model has classes 0..{k - 1}")
+    names = class_names(ckpt, k)
+    try:
+        a.class_label = parse_class(a.class_label, names) if a.class_label is not None else None
+        a.interpolate_classes = ([parse_class(c, names) for c in a.interpolate_classes] if a.interpolate_classes
+                                 else None)
+    except ValueError as e:
+        raise SaganError(str(e)) from None
     if a.per_class and k == 0:
         raise SaganError("--per-class needs a class-conditional model; this one is unconditional")
     if a.truncation is not None and a.truncation <= 0:
@@ -127,7 +137,7 @@ def run(a: argparse.Namespace) -> str:
                 all_imgs.append(imgs)
                 if not a.no_images:
                     for s, img in zip(seeds, imgs):
-                        _save(img, out / str(c) / f"{s:06d}.png")
+                        _save(img, out / names[c] / f"{s:06d}.png")
             imgs = torch.cat(all_imgs)
             n_images = len(imgs)
             nrow = len(seeds)
@@ -163,9 +173,6 @@ def interpolation_strip(g: Generator, a: argparse.Namespace, out: Path, device: 
     if g.num_classes > 0:
         if a.interpolate_classes:
             ca, cb = a.interpolate_classes
-            for c in (ca, cb):
-                if not 0 <= c < g.num_classes:
-                    raise SaganError(f"class {c} is out of range: the model has classes 0..{g.num_classes - 1}")
         else:
             ca = cb = a.class_label if a.class_label is not None else int(labels_for_seeds([sa], g.num_classes)[0])
         eye = torch.eye(g.num_classes)

@@ -242,6 +242,9 @@ class MetricsResult:
 
     values: dict[str, float]
     protocol: dict[str, Any]
+    #: generated over real within-class spread per class label (NaN where a class has fewer than two images on
+    #: either side); ``spread`` is its mean over the finite entries, ``spread_min`` their minimum
+    spread_per_class: list[float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -794,8 +797,8 @@ class Evaluator:
         if ref is not None:
             k = max(ref.num_classes, 1)
             lab = labels if (ref.num_classes and num_classes == ref.num_classes) else torch.zeros_like(labels)
-            ratio = class_spread(feats[self.spread_layer], lab, k) / ref.spread
-            ratio = ratio[torch.isfinite(ratio)]
+            per_class = class_spread(feats[self.spread_layer], lab, k) / ref.spread  # (K,)
+            ratio = per_class[torch.isfinite(per_class)]
             if len(ratio):
                 values.update(spread=float(ratio.mean()), spread_min=float(ratio.min()))
             if ref.bins is not None:
@@ -809,7 +812,7 @@ class Evaluator:
                         ndb_bins=len(ref.bins) if ref is not None and ref.bins is not None else None,
                         ndb_alpha=NDB_ALPHA,
                         world_size=dist_info()[1])
-        return MetricsResult(values, protocol)
+        return MetricsResult(values, protocol, per_class.tolist() if ref is not None else None)
 
 
 def _moments(f: Tensor) -> tuple[Tensor, Tensor]:

@@ -595,6 +595,9 @@ class SAGAN(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sagan"] = self.counters.state_dict()  # no random state: see checkpointing.seed_step
+        names = getattr(self.trainer.datamodule, "classes", None)  # the image folder's subfolders, CIFAR-10's names
+        if self.num_classes and names is not None and len(names) == self.num_classes:
+            checkpoint["class_names"] = [str(n) for n in names]  # `sagan generate --class-label NAME`, per-class folders
         if self.hparams.get("ema_bn_samples", 0) > 0:  # the EMA generator is saved with its standing statistics
             self.refresh_ema_bn_stats()
             state = checkpoint["state_dict"]

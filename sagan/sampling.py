@@ -77,6 +77,27 @@ def generator_from_checkpoint(
     return g.to(device)
 
 
+def class_names(ckpt: dict[str, Any], num_classes: int) -> list[str]:
+    """The names of a checkpoint's classes, in label order: the image folder's class subfolders (sorted), CIFAR-10's
+    names, the digits' "0".."9"; the labels themselves ("0".."K-1") for checkpoints written before names were kept."""
+    names = ckpt.get("class_names")
+    if isinstance(names, list) and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def parse_class(spec: str | int, names: list[str]) -> int:
+    """A class given by name (one of ``names``) or by label index; a name wins where both could be meant (a folder
+    of classes named "1", "10", "2" is sorted as strings, so name "2" is label 2 only by chance)."""
+    spec = str(spec)
+    if spec in names:
+        return names.index(spec)
+    if re.fullmatch(r"-?\d+", spec.strip()) and 0 <= int(spec) < len(names):
+        return int(spec)
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    raise ValueError(f"class {spec!r} is not one of the model's classes: give a name ({shown}) or a label 0..{len(names) - 1}")
+
+
 _LABEL_STREAM = 0x5EED_0000_0000  # offset of the per-seed label generator, apart from the latent one
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,13 @@ def test_evaluate_checkpoint_prints_table_and_writes_protocol(digits_run, capsys
         assert {"precision", "recall", "spread", "spread_min", "ndb", "jsd"} <= part.keys()
     assert floor["ndb"] <= 0.15 and floor["jsd"] < 0.02  # real held-out digits fill the bins as the data does
     assert p["prc_neighborhood"] == 3 and p["spread_layer"] == "64" and p["ndb_bins"] == 20
+    # the spread of each class by name: its mean and minimum are the table's, the three lowest are printed
+    per = data["spread_per_class"]
+    assert list(per) == [str(c) for c in range(10)]
+    assert np.mean(list(per.values())) == pytest.approx(data["metrics"]["spread"])
+    assert min(per.values()) == pytest.approx(data["metrics"]["spread_min"])
+    low = sorted(per, key=per.get)[:3]
+    assert f"least varied classes (spread, generated over real): {low[0]} {per[low[0]]:.2f}, {low[1]} " in out
 
 
 def test_floor_is_also_compared_at_its_own_sample_count(digits_run, capsys):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from sagan.generate import main as generate_main
-from sagan.sampling import generator_from_checkpoint, latents_for_seeds, parse_seeds
+from sagan.sampling import class_names, generator_from_checkpoint, latents_for_seeds, parse_class, parse_seeds
 
 from conftest import REPO, TINY, write_images, run_cli
 
@@ -26,7 +26,12 @@ def ckpts(tmp_path_factory):
     assert run_cli(["fit", "--config", str(REPO / "configs/celeba64.yaml"), "--experiment", "uncond", *common,
                     "--data.root", str(root / "flat"), "--data.resolution", "32", "--data.num_workers", "0",
                     "--model.g_attn", "[16, 32]", "--model.d_attn", "[16]"]) == 0
-    return {"cond": root / "cond/checkpoints/last.ckpt", "uncond": root / "uncond/checkpoints/last.ckpt"}
+    for name, seed in (("dog", 1), ("cat", 2), ("zebra", 3)):
+        write_images(root / "named" / name, 8, size=32, seed=seed)
+    assert run_cli(["fit", "--config", str(REPO / "configs/folder32.yaml"), "--experiment", "named", *common,
+                    "--data.root", str(root / "named"), "--data.num_workers", "0"]) == 0
+    return {"cond": root / "cond/checkpoints/last.ckpt", "uncond": root / "uncond/checkpoints/last.ckpt",
+            "named": root / "named/checkpoints/last.ckpt"}
 
 
 def png(path: Path) -> np.ndarray:
@@ -63,6 +68,36 @@ def test_per_class_layout_counts_and_grid(ckpts, tmp_path):
     assert grid.shape[:2] == (10 * 34 + 2, 3 * 34 + 2)  # rows = classes, columns = seeds, 2-px padding
     # class changes the image for the same seed
     assert not np.array_equal(png(out / "0" / "000001.png"), png(out / "7" / "000001.png"))
+
+
+def test_classes_by_name_from_the_image_folder(ckpts, tmp_path, capsys):
+    ckpt = torch.load(ckpts["named"], map_location="cpu", weights_only=True)
+    assert ckpt["class_names"] == ["cat", "dog", "zebra"]  # the class subfolders, sorted: the labels' order
+    assert class_names(torch.load(ckpts["cond"], weights_only=True), 10) == [str(c) for c in range(10)]
+    out = tmp_path / "n"
+    assert generate_main(["--ckpt", str(ckpts["named"]), "--outdir", str(out), "--per-class", "--num", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cat", "dog", "zebra"]
+    for spec in ("zebra", "2"):  # a name, or the label it has
+        assert generate_main(["--ckpt", str(ckpts["named"]), "--outdir", str(tmp_path / spec), "--seeds", "1",
+                              "--class", spec]) == 0
+        assert np.array_equal(png(tmp_path / spec / "000001.png"), png(out / "zebra" / "000001.png"))
+    assert not np.array_equal(png(out / "cat" / "000001.png"), png(out / "zebra" / "000001.png"))
+    capsys.readouterr()
+    assert generate_main(["--ckpt", str(ckpts["named"]), "--outdir", str(out), "--class-label", "horse"]) == 2
+    assert "class 'horse' is not one of the model's classes: give a name (cat, dog, zebra) or a label 0..2" in \
+        capsys.readouterr().err
+
+
+def test_parse_class_prefers_the_name_and_keeps_old_checkpoints_working():
+    names = ["1", "10", "2"]  # class folders named by numbers sort as strings
+    assert parse_class("2", names) == 2 and parse_class("10", names) == 1 and parse_class(0, names) == 0
+    assert parse_class("1", ["1", "0"]) == 0  # the name wins over the label
+    assert parse_class("1", ["b", "a"]) == 1  # no name matches: the label
+    for bad in ("3", "-1", "x"):
+        with pytest.raises(ValueError, match="not one of the model's classes"):
+            parse_class(bad, names)
+    assert class_names({}, 3) == ["0", "1", "2"]  # written before names were kept
+    assert class_names({"class_names": ["a", "b"]}, 3) == ["0", "1", "2"]  # names that do not fit are not trusted
 
 
 def test_unconditional_layout_and_class_flags_refused(ckpts, tmp_path, capsys):
