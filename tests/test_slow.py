@@ -25,7 +25,7 @@ ACCURACY_MIN = 0.94
 def test_the_demo_draws_varied_and_right_digits(tmp_path):
     """`make demo`'s training, evaluation and classifier check: the final EMA generator's FID (digits-mlp, 1,000
     samples) as a multiple of the floor, its recall against the floor's, and the share of samples a classifier
-    trained on real digits recognises as the digit asked for. Thresholds: see README "The demo's numbers"."""
+    trained on real digits recognises as the digit asked for. Thresholds: the targets in README "Two commands"."""
     run = [sys.executable, "-m", "sagan.cli"]
     fit = subprocess.run([*run, "fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
                           "--trainer.logger", "false"], capture_output=True, text=True, cwd=REPO)
