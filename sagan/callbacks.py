@@ -251,6 +251,7 @@ class FIDEvaluation(pl.Callback):
         self.best_step: int | None = None
         self._last_step = -1
         self._evaluator = None
+        self._per_class: dict[str, float] = {}  # the last evaluation's spread by class name (console line)
 
     @property
     def enabled(self) -> bool:
@@ -289,9 +290,12 @@ class FIDEvaluation(pl.Callback):
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics of the EMA generator; every rank takes part and gets the same values."""
+        from .metrics import spread_by_class
+
         g = pl_module.ema_generator()
-        values = self._evaluator.generator(g, self.num_samples, seed=self.seed).values
-        return trainer.strategy.broadcast(values, src=0)  # equal already; rank 0's copy decides best.ckpt everywhere
+        res = self._evaluator.generator(g, self.num_samples, seed=self.seed)
+        self._per_class = spread_by_class(res.spread_per_class, getattr(trainer.datamodule, "classes", None) or [])
+        return trainer.strategy.broadcast(res.values, src=0)  # equal already; rank 0's copy decides best.ckpt everywhere
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         step = int(pl_module.g_steps)
@@ -318,7 +322,10 @@ class FIDEvaluation(pl.Callback):
         for k, v in metrics.items():
             trainer.callback_metrics[k] = torch.tensor(v)
         if trainer.is_global_zero:
-            print(f"[iteration {step}] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            from .metrics import least_varied
+
+            print(f"[iteration {step}] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                  + (f"  least varied: {least_varied(self._per_class)}" if self._per_class else ""), flush=True)
         if improved:
             trainer.save_checkpoint(str(self._best_path(trainer)), weights_only=False)  # collective: all ranks
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -100,7 +99,7 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
 
 def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     from .features import DIGITS_FEATURE_EXTRACTOR
-    from .metrics import Evaluator, dist_info
+    from .metrics import Evaluator, dist_info, least_varied, spread_by_class
     from .sampling import class_names, generator_from_checkpoint, load_checkpoint
 
     if a.num_samples < 1:
@@ -138,7 +137,7 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
                    "channels": dm.channels, "fingerprint": dm.fingerprint(a.ref_split)},
     )
     out: dict[str, Any] = {"metrics": res.values, "protocol": protocol}
-    per_class = _spread_by_class(res.spread_per_class, dm.classes if len(dm.classes) == g.num_classes
+    per_class = spread_by_class(res.spread_per_class, dm.classes if len(dm.classes) == g.num_classes
                                  else class_names(ckpt, g.num_classes))
     if per_class:
         out["spread_per_class"] = per_class
@@ -170,18 +169,9 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
                       f"{m['fid'] / max(floor.values['fid'], 1e-12):.2f} x the floor"
                       + (f"; recall {m['recall']:.3f} vs {floor.values['recall']:.3f}" if "recall" in m else ""))
         if per_class:
-            low = sorted(per_class.items(), key=lambda kv: kv[1])[:3]
-            print("least varied classes (spread, generated over real): "
-                  + ", ".join(f"{name} {v:.2f}" for name, v in low))
+            print(f"least varied classes (spread, generated over real): {least_varied(per_class)}")
     json_path = Path(a.json) if a.json else Path(a.ckpt).with_suffix(".metrics.json")
     return out | {"_json": json_path if rank == 0 else None}
-
-
-def _spread_by_class(ratios: list[float] | None, names: list[str]) -> dict[str, float]:
-    """{class name: generated over real spread} for a conditional model's classes with a finite spread."""
-    if not ratios or len(ratios) != len(names) or len(names) < 2:
-        return {}
-    return {n: float(r) for n, r in zip(names, ratios) if math.isfinite(r)}
 
 
 def _matched_draws(ev: Any, g: torch.nn.Module, n: int, seed: int) -> dict[str, float]:

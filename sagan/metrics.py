@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -382,6 +383,19 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------- scoring
 PRC_NEIGHBORHOOD = 3
+
+
+def spread_by_class(ratios: Sequence[float] | None, names: Sequence[str]) -> dict[str, float]:
+    """{class name: generated over real spread} of a conditional model's classes whose spread is finite, in label
+    order; empty unless there are two classes or more and a name for each (see ``MetricsResult.spread_per_class``)."""
+    if not ratios or len(ratios) != len(names) or len(names) < 2:
+        return {}
+    return {str(n): float(r) for n, r in zip(names, ratios) if math.isfinite(r)}
+
+
+def least_varied(per_class: dict[str, float], n: int = 3) -> str:
+    """'3 0.89, 2 0.93, 8 0.95': the ``n`` classes of lowest spread, lowest first."""
+    return ", ".join(f"{name} {v:.2f}" for name, v in sorted(per_class.items(), key=lambda kv: kv[1])[:n])
 
 
 def class_spread(features: Tensor, labels: Tensor, num_classes: int, max_per_class: int = SPREAD_MAX_PER_CLASS) -> Tensor:

@@ -12,8 +12,6 @@ from sagan.evaluate import main as evaluate_main
 from conftest import REPO, TINY, write_images, run_cli
 
 
-
-
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """A tiny digits run with in-loop FID (digits-mlp features) every 2 iterations."""
@@ -41,6 +39,24 @@ def test_in_loop_fid_is_logged_and_best_checkpoint_kept(digits_run):
     cb = [v for k, v in state["callbacks"].items() if k.startswith("FIDEvaluation")][0]
     assert cb["best_fid"] == pytest.approx(min(fids))
     assert len(list(cache.glob("*.pt"))) >= 1  # reference statistics cached on disk
+
+
+def test_in_loop_line_names_the_least_varied_classes(tmp_path, capsys):
+    """The console line of each in-loop evaluation ends with the three classes of lowest spread, lowest first; the
+    first of them is the class whose spread is val/spread_min."""
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path), "--experiment", "d",
+            *TINY, "--data.batch_size", "16", "--trainer.max_steps", "8", "--samples.every_n_steps", "0",
+            "--fid.every_n_steps", "2", "--fid.num_samples", "100", "--fid.metrics", "[fid]",
+            "--fid.cache_root", str(tmp_path / "cache")]
+    assert run_cli(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[iteration ")]
+    assert len(lines) == 2
+    for line in lines:
+        spread_min = float(line.split("val/spread_min=")[1].split()[0])
+        low = line.split("least varied: ")[1].split(", ")
+        assert len(low) == 3 and all(name in [str(c) for c in range(10)] for name, _ in map(str.split, low))
+        values = [float(v) for _, v in map(str.split, low)]
+        assert values == sorted(values) and values[0] == pytest.approx(spread_min, abs=0.005)
 
 
 def test_evaluate_checkpoint_prints_table_and_writes_protocol(digits_run, capsys, tmp_path):
