@@ -1,4 +1,5 @@
-"""The ``sagan`` command line: LightningCLI subcommands (fit, validate, ...) configured by YAML in ``configs/``.
+"""The ``sagan`` command line: ``fit`` (LightningCLI, configured by YAML in ``configs/``), ``evaluate``, ``generate``
+and ``prepare``.
 
     sagan fit --config configs/digits.yaml
     sagan fit --config configs/cifar10.yaml --data.root data/cifar10
@@ -98,6 +99,11 @@ class _Parser(LightningArgumentParser):
 
 
 class SAGANCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` only: the model has no validation / test / predict step (evaluation is ``sagan evaluate``)."""
+        return {"fit": set(LightningCLI.subcommands()["fit"])}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment", type=str, default="sagan", help="run name: outputs go to OUTPUT_ROOT/EXPERIMENT")
         parser.add_argument("--output_root", type=str, default="outputs", help="folder that holds all runs")
@@ -213,9 +219,48 @@ def _gan_strategy(trainer_cfg: dict) -> GANDDPStrategy | None:
     return GANDDPStrategy()
 
 
+COMMANDS = {
+    "fit": "train a model (LightningCLI + YAML): sagan fit --config configs/digits.yaml",
+    "evaluate": "FID, precision/recall, KID, IS, spread and bins of a checkpoint or an image folder",
+    "generate": "images, per-class grids, interpolations and attention maps from a checkpoint",
+    "prepare": "decode an image folder once into a memory-mapped training set (large data sets)",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sagan")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def overview() -> str:
+    """What ``sagan``, ``sagan -h`` and ``sagan --help`` print: the commands and where their options are."""
+    width = max(map(len, COMMANDS))
+    return "\n".join([
+        f"usage: sagan {{{','.join(COMMANDS)}}} ...   (sagan {_version()}: Self-Attention GAN, Zhang et al. 2019)", "",
+        "commands:", *(f"  {name.ljust(width)}  {text}" for name, text in COMMANDS.items()), "",
+        "Each command's options: sagan COMMAND --help (sagan fit --help lists every model, data and trainer",
+        "setting; sagan fit --config configs/digits.yaml --print_config shows a config resolved).",
+    ])
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``sagan`` console script."""
     argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        sys.exit(0 if argv else 2)
+    if argv[0] == "--version":
+        print(f"sagan {_version()}")
+        sys.exit(0)
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        hint = " (evaluation is sagan evaluate)" if argv[0] in ("validate", "test", "predict") else ""
+        print(f"sagan: error: {argv[0]!r} is not a sagan command{hint}: use one of {', '.join(COMMANDS)} "
+              "(sagan --help)", file=sys.stderr)
+        sys.exit(2)
     # The data module resumes mid-epoch exactly (see SAGANData.train_dataloader); Lightning's check for that is
     # made for automatic optimisation and misfires here.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")

@@ -28,6 +28,26 @@ def test_every_config_parses(config, capsys):
     assert printed["trainer"]["max_steps"] > 0
 
 
+def test_top_level_help_lists_every_command_and_refuses_the_ones_it_has_not(capsys):
+    """`sagan` / `sagan --help` list fit, evaluate, generate and prepare (not LightningCLI's validate / test /
+    predict, which the model has no step for); those and typos are one clear error, not a traceback."""
+    from sagan.cli import COMMANDS
+
+    for argv, code in (([], 2), (["--help"], 0), (["-h"], 0)):
+        assert run_cli(argv) == code
+        out = capsys.readouterr().out
+        assert out.startswith("usage: sagan {fit,evaluate,generate,prepare}")
+        assert all(f"  {name}" in out for name in COMMANDS)
+    assert run_cli(["--version"]) == 0 and capsys.readouterr().out.startswith("sagan ")
+    for bad in ("validate", "test", "predict", "fitt"):
+        assert run_cli([bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"sagan: error: {bad!r} is not a sagan command") and "fit, evaluate, generate" in err
+    assert run_cli(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--model.mode_seeking" in out and "--data.root" in out
+
+
 def test_fit_end_to_end_writes_checkpoint_samples_and_config(tmp_path, capsys):
     args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
             "--experiment", "e2e", *TINY, "--trainer.max_steps", "6", "--samples.every_n_steps", "2",
