@@ -27,7 +27,8 @@ import torch
 import yaml
 
 from .errors import SaganError
-from .metrics import INCEPTION, MetricsError, compute_metrics, parse_metrics, resolve_feature_extractor
+from .metrics import (INCEPTION, MetricsError, compute_metrics, count_images, parse_metrics,
+                      resolve_feature_extractor)
 
 MATCHED_DRAWS = 5  # draws of generated sets as large as the held-out floor (evaluate --floor)
 
@@ -207,6 +208,8 @@ def _init_distributed() -> bool:
 
 
 def evaluate_folders(a: argparse.Namespace) -> dict[str, Any]:
+    for folder in a.folders:  # a mistyped folder is named before the feature extractor's weights are looked for
+        count_images(folder)
     fe = INCEPTION if a.feature_extractor == "auto" else a.feature_extractor
     spec = resolve_feature_extractor(fe, a.weights)
     first, second = a.folders

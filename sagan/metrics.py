@@ -284,7 +284,7 @@ def compute_metrics(
         raise MetricsError(f"{', '.join(binary)} compare two sets: a reference set is needed")
     device = _device(device)
     layers = _layers(spec, names, fid_layer)
-    n1, n2 = _count(input1), (_count(input2) if input2 is not None else None)
+    n1, n2 = count_images(input1), (count_images(input2) if input2 is not None else None)
     _check_counts(names, layers, n1, n2, isc_splits, allow_few_samples)
     kid_size = min(kid_subset_size, n1, n2 or n1)
     try:
@@ -843,12 +843,14 @@ def _tf_version() -> str:
     return getattr(torch_fidelity, "__version__", "unknown")
 
 
-def _count(inp: Any) -> int:
+def count_images(inp: Any) -> int:
+    """Images in a folder as torch-fidelity finds them (png/jpg, recursively) or in a Dataset; one clear error for a
+    folder that is missing or holds none."""
     if isinstance(inp, (str, os.PathLike)):
         from torch_fidelity.utils import glob_samples_paths
 
         if not Path(inp).is_dir():
-            raise MetricsError(f"image folder {str(inp)!r} does not exist")
+            raise MetricsError(f"image folder {str(inp)!r} does not exist: pass the path of a folder of images")
         n = len(glob_samples_paths(str(inp), True, "png,jpg,jpeg", verbose=False))
         if n == 0:
             raise MetricsError(f"image folder {str(inp)!r} holds no png/jpg images")
