@@ -25,12 +25,13 @@ import torch
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
 from .callbacks import (AttentionMaps, FastMath, FIDEvaluation, LoaderMonitor, RunSummary, SampleGrid,
                         WandbDashboard, wandb_loggers)
 from .data import SAGANData
-from .errors import SaganError
+from .errors import ConfigError, SaganError
 from .module import SAGAN
 from .progress import LineProgress, interactive
 from .strategy import GANDDPStrategy
@@ -190,7 +191,13 @@ class SAGANCLI(LightningCLI):
         strategy = _gan_strategy(self._get(self.config_init, "trainer", default={}))
         if strategy is not None:
             kwargs["strategy"] = strategy
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as e:  # e.g. configs/trainer/gpu.yaml on a machine without a GPU
+            no_gpu = "gpu" in str(e).lower() and not torch.cuda.is_available()
+            raise ConfigError(f"the trainer settings do not fit this machine: {e}"
+                              + (" (no CUDA GPU here: --trainer.accelerator auto or cpu, and drop configs/trainer/"
+                                 "gpu.yaml)" if no_gpu else " (see sagan fit --help for the trainer options)")) from None
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # temp file + rename; weights_only loads
         if not interactive(sys.stdout):  # a log file, CI, SLURM: lines, not a redrawn bar
             for i, cb in enumerate(trainer.callbacks):

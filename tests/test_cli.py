@@ -130,6 +130,16 @@ def test_wrong_type_is_one_clear_error(capsys):
     _one_line_error(capsys, "n_dis")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_gpu_preset_on_a_machine_without_gpu_is_one_clear_error(tmp_path, capsys):
+    code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--config",
+                    str(REPO / "configs/trainer/gpu.yaml"), "--output_root", str(tmp_path), "--trainer.logger",
+                    "false", "--trainer.max_steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("sagan: error: the trainer settings do not fit this machine") and "no CUDA GPU here" in err
+
+
 def test_unsupported_resolution_is_one_clear_error(tmp_path, capsys):
     code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
                     "--data.resolution", "48"])
