@@ -189,7 +189,9 @@ def _matched_draws(ev: Any, g: torch.nn.Module, n: int, seed: int) -> dict[str, 
 def _device(name: str | None) -> torch.device:
     """--device, or under torchrun the GPU of this process's local rank, else the current default."""
     if name:
-        return torch.device(name)
+        from .sampling import resolve_device
+
+        return resolve_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -214,7 +216,7 @@ def evaluate_folders(a: argparse.Namespace) -> dict[str, Any]:
     spec = resolve_feature_extractor(fe, a.weights)
     first, second = a.folders
     res = compute_metrics(first, second, metrics=a.metrics, feature_extractor=spec, fid_layer=a.fid_layer,
-                          seed=a.seed, batch_size=a.batch_size, device=a.device,
+                          seed=a.seed, batch_size=a.batch_size, device=_device(a.device),
                           allow_few_samples=a.allow_few_samples)
     print(_table({f"{first} vs {second}": res.values}))
     protocol = dict(res.protocol) | {"first": str(Path(first).resolve()), "second": str(Path(second).resolve())}

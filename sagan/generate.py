@@ -25,7 +25,7 @@ from .errors import SaganError
 from .models import Generator
 from .progress import track
 from .sampling import (class_names, generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds,
-                       load_checkpoint, parse_class, parse_seeds, slerp)
+                       load_checkpoint, parse_class, parse_seeds, resolve_device, slerp)
 from .visualize import attention_figure, default_query_points
 
 
@@ -92,12 +92,7 @@ def run(a: argparse.Namespace) -> str:
         raise SaganError(str(e)) from None
     if not seeds:
         raise SaganError("no seeds: give --seeds or a positive --num")
-    try:
-        device = torch.device(a.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SaganError(f"--device {a.device}: CUDA is not available on this machine; use --device cpu")
-    except RuntimeError as e:
-        raise SaganError(f"--device {a.device!r} is not a device: {e}") from None
+    device = resolve_device(a.device)
     ckpt = load_checkpoint(a.ckpt)
     g = generator_from_checkpoint(ckpt, ema=not a.no_ema, device=device)
     k = g.num_classes

@@ -16,10 +16,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SaganError
 from .models import Generator, conditioning_strength
 
 GENERATOR_KEYS = ("resolution", "z_dim", "g_ch", "g_ch_mult", "g_attn", "num_classes", "conditional", "img_channels")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` of ``sagan evaluate`` / ``generate`` (cpu, cuda, cuda:1, mps ...), checked against this machine
+    with one clear error instead of a CUDA initialisation traceback."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise SaganError(f"--device {name!r} is not a device ({e}): use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise SaganError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise SaganError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    return device
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -129,6 +129,9 @@ def test_evaluate_bad_inputs_one_clear_message_each(digits_run, capsys, tmp_path
         "does not exist": ["--ckpt", str(tmp_path / "missing.ckpt")],
         "weights-inception-2015-12-05": ["--ckpt", str(ckpt), "--feature-extractor", "inception-v3-compat",
                                          "--weights", str(tmp_path / "nope.pth")],
+        "is not a device": ["--ckpt", str(ckpt), "--device", "gpu0"],
+        **({} if torch.cuda.is_available() else {"CUDA is not available on this machine": ["--ckpt", str(ckpt),
+                                                                                           "--device", "cuda"]}),
         # a mistyped folder is named first, before the (here missing) Inception weights are looked for
         f"image folder '{tmp_path / 'typo'}' does not exist": ["--folders", str(tmp_path / "typo"), str(run),
                                                                "--weights", str(tmp_path / "nope.pth")],

@@ -88,6 +88,18 @@ def test_classes_by_name_from_the_image_folder(ckpts, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_device_is_checked_against_the_machine(ckpts, tmp_path, capsys):
+    bad = [("gpu0", "is not a device")]
+    if not torch.cuda.is_available():
+        bad.append(("cuda", "CUDA is not available on this machine; use --device cpu"))
+    else:
+        bad.append((f"cuda:{torch.cuda.device_count()}", "CUDA device(s), cuda:0.."))
+    for device, needle in bad:
+        assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(tmp_path), "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+
+
 def test_parse_class_prefers_the_name_and_keeps_old_checkpoints_working():
     names = ["1", "10", "2"]  # class folders named by numbers sort as strings
     assert parse_class("2", names) == 2 and parse_class("10", names) == 1 and parse_class(0, names) == 0
