@@ -115,7 +115,7 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
 
     One subfolder per class (images found recursively inside each) makes a labelled set with classes in sorted
     order; images directly in ``root`` and no class subfolders make an unlabelled set (label 0, no classes).
-    A warning counts the files that look like images but are not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
+    Images directly in a ``root`` that has class subfolders are not used, with a warning. A warning counts the files that look like images but are not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -137,6 +137,13 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
                 )
             classes.append(d.name)
             samples += [(f, label) for f in files]
+        loose = _images_among(root.iterdir(), {})
+        if loose:  # a flat folder with a stray subfolder would otherwise train on the subfolder alone
+            warnings.warn(f"image folder {str(root)!r} has class subfolders ({len(subdirs)}: "
+                          f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) and {len(loose)} image(s) "
+                          f"directly in it, which are not used: every subfolder is a class. Move the loose images "
+                          f"into a class subfolder, or the subfolders out, for a flat (unconditional) set",
+                          stacklevel=2)
         return samples, classes
     files = _images_among(root.iterdir(), unread)
     _warn_unread(root, unread)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -157,6 +159,21 @@ def test_unread_image_files_are_named_in_a_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"2 \.heic file\(s\) are not read.*convert them"):
         samples, _ = scan_image_folder(tmp_path / "phone")
     assert len(samples) == 4
+
+
+def test_loose_images_beside_class_folders_are_named_in_a_warning(tmp_path):
+    """A flat folder with a stray subfolder would train on the subfolder alone: the unused images are counted."""
+    write_images(tmp_path / "faces", 6)
+    write_images(tmp_path / "faces" / "thumbs", 2)
+    with pytest.warns(UserWarning, match=r"class subfolders \(1: thumbs\) and 6 image\(s\) directly in it, which are "
+                                         r"not used"):
+        samples, classes = scan_image_folder(tmp_path / "faces")
+    assert classes == ["thumbs"] and len(samples) == 2
+    with warnings.catch_warnings():  # class folders alone: no warning
+        warnings.simplefilter("error")
+        scan_image_folder(tmp_path / "faces" / "thumbs")
+        write_images(tmp_path / "classes" / "a", 2)
+        scan_image_folder(tmp_path / "classes")
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
