@@ -22,6 +22,10 @@
   drops whole kinds of image (mode dropping in unconditional models, which k-NN recall barely registers) empties
   their bins. Real held-out images drawn like the reference read about ``NDB_ALPHA`` or less (the digits: 0.00,
   JSD 0.007). Both depend on the number of samples, as FID does: compare at equal counts; NDB is the coarser one.
+* *Class labels of generated samples* (conditional models): each class as often as in the reference set
+  (:func:`generated_labels`: the reference's class frequencies, rounded to the sample count, in a seeded order), so
+  a perfect class-conditional generator scores like the data on an imbalanced set too, and no class's share moves
+  with the seed.
 * :func:`compute_metrics` compares two image folders through ``torch_fidelity.calculate_metrics``.
 """
 
@@ -369,6 +373,25 @@ def gather_rows(t: Tensor) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).cpu()
 
 
+def generated_labels(num_samples: int, num_classes: int, class_counts: Tensor | None, gen: torch.Generator) -> Tensor:
+    """Class labels (N,) of ``num_samples`` generated samples: class c exactly ``N * share_c`` times, rounded by
+    largest remainder (ties to the lower class), where the shares are the reference set's class frequencies
+    (``class_counts`` (K,); equal shares without them), in an order drawn from ``gen``. Zeros when unconditional."""
+    if num_classes == 0:
+        return torch.zeros(num_samples, dtype=torch.long)
+    if class_counts is not None and len(class_counts) == num_classes and int(class_counts.sum()) > 0:
+        share = class_counts.double() / class_counts.sum()
+    else:
+        share = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    quota = num_samples * share  # (K,)
+    count = quota.floor().long()
+    rest = num_samples - int(count.sum())
+    order = sorted(range(num_classes), key=lambda c: (-(quota[c] - count[c]).item(), c))
+    count[order[:rest]] += 1
+    labels = torch.repeat_interleave(torch.arange(num_classes), count)  # (N,)
+    return labels[torch.randperm(num_samples, generator=gen)]
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """The sum of every rank's ``t`` (same shape on all), on every rank (CPU result); identity alone."""
     import torch.distributed as dist
@@ -558,6 +581,7 @@ class Reference:
     spread: Tensor
     bins: Tensor | None = None
     bin_counts: Tensor | None = None
+    class_counts: Tensor | None = None  # (K,) images of each class in the whole set (conditional references)
 
 
 class Evaluator:
@@ -672,6 +696,8 @@ class Evaluator:
                     entry["features"] = reference_subset(entry["features"])
                 if layer == self.spread_layer and "bins" not in entry:  # written before the bins existed
                     break
+                if layer == self.spread_layer and num_classes and entry.get("class_counts") is None:
+                    break  # written before the class counts were kept
                 cached[layer] = entry
         if len(cached) == len(layers):
             stats = cached
@@ -686,7 +712,8 @@ class Evaluator:
                     os.replace(tmp, path)
         count = int(stats[layers[0]]["count"])
         sl = stats[self.spread_layer]
-        self.reference = Reference(count, num_classes, stats, sl["spread"], sl.get("bins"), sl.get("bin_counts"))
+        self.reference = Reference(count, num_classes, stats, sl["spread"], sl.get("bins"), sl.get("bin_counts"),
+                                   sl.get("class_counts"))
         return self.reference
 
     def _reference_stats(self, dataset: Dataset, num_classes: int, layers: list[str], need_features: set[str],
@@ -733,21 +760,25 @@ class Evaluator:
             if layer == self.spread_layer:
                 bins = fit_bins(rows[rows_of(fit_idx)])  # at most NDB_FIT_MAX rows, in the order k-means sees them
                 counts = bin_counts(rows[rows_of(feature_idx)], bins) if bins is not None else None
-                stats[layer].update(bins=bins, bin_counts=counts)
+                stats[layer].update(bins=bins, bin_counts=counts,
+                                    class_counts=all_reduce_sum(stream.seen) if num_classes else None)
         return stats
 
     # ---------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
     def generator(self, g: nn.Module, num_samples: int, seed: int = 0) -> MetricsResult:
         """Score ``num_samples`` images of generator ``g`` (run as it is: put it in eval mode first). Sample i's
-        latent and class label are row i of one seeded draw, whichever rank generates it."""
+        latent and class label are row i of one seeded draw, whichever rank generates it; the labels follow the
+        reference set's class frequencies (:func:`generated_labels`)."""
         if num_samples is None or num_samples < 1:
             raise MetricsError(f"the number of generated samples must be a positive integer, got {num_samples}")
         self._check(num_samples)
         k = int(getattr(g, "num_classes", 0))
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(num_samples, g.z_dim, generator=gen)  # (N, z_dim): the same on every rank
-        y = torch.randint(0, k, (num_samples,), generator=gen) if k > 0 else torch.zeros(num_samples, dtype=torch.long)
+        ref = self.reference
+        counts = ref.class_counts if ref is not None and ref.num_classes == k else None
+        y = generated_labels(num_samples, k, counts, gen)  # (N,)
         rank, world = dist_info()
         mine = shard(num_samples, rank, world)
         dev = next(g.parameters()).device
@@ -759,7 +790,8 @@ class Evaluator:
 
         feats = self._features(batches(), num_samples, "generating")
         result = self._score(feats, y, k, seed)
-        result.protocol.update(num_generated=num_samples)
+        result.protocol.update(num_generated=num_samples, generated_labels=(
+            None if k == 0 else "reference class frequencies" if counts is not None else "equal shares"))
         return result
 
     def images(self, dataset: Dataset, num_classes: int = 0, seed: int = 0, num_workers: int = 0) -> MetricsResult:

@@ -120,6 +120,21 @@ def test_floor_is_also_compared_at_its_own_sample_count(digits_run, capsys):
     assert m == {"fid": sum(7 + i for i in range(MATCHED_DRAWS)) / MATCHED_DRAWS, "recall": 1.0}
 
 
+def test_label_protocol_script_compares_both_protocols_on_one_checkpoint(digits_run):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("label_protocol", REPO / "scripts/label_protocol.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run, _ = digits_run
+    lines = script.main([str(run / "checkpoints" / "last.ckpt"), "--seeds", "2", "--num-samples", "100"])
+    assert lines[0].startswith("reference class counts: [142, 146")  # the 1,437 training digits by class
+    rows = [line for line in lines if line.startswith("| uniform") or line.startswith("| class")]
+    assert len(rows) == 2 and rows[0] != rows[1]
+    from sagan import metrics as M
+    assert M.generated_labels.__name__ == "generated_labels"  # the protocol is put back
+
+
 def test_evaluate_bad_inputs_one_clear_message_each(digits_run, capsys, tmp_path):
     run, cache = digits_run
     ckpt = run / "checkpoints" / "last.ckpt"

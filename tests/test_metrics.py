@@ -91,7 +91,7 @@ def _generated(g: Generator, n: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     """The images and labels the Evaluator draws for (n, seed): row i of one seeded draw."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, g.z_dim, generator=gen)
-    y = torch.randint(0, g.num_classes, (n,), generator=gen) if g.num_classes else None
+    y = M.generated_labels(n, g.num_classes, None, gen) if g.num_classes else None  # a reference without labels
     with torch.no_grad():
         return M.to_uint8(g(z, y)), y
 
@@ -124,6 +124,55 @@ def test_generator_scores_equal_torch_fidelity_on_folders(tmp_path, inception_we
     assert ours.protocol["num_generated"] == 100 and ours.protocol["num_reference"] == 150
     assert ours.protocol["feature_layers"]["fid"] == "64" and ours.protocol["prc_neighborhood"] == 3
     assert ours.protocol["feature_extractor_weights_sha256"] == M.sha256_file(inception_weights)
+
+
+def test_generated_labels_follow_the_reference_class_frequencies():
+    gen = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
+    assert torch.bincount(M.generated_labels(1000, 10, None, gen()), minlength=10).tolist() == [100] * 10
+    assert torch.bincount(M.generated_labels(10, 3, None, gen())).tolist() == [4, 3, 3]  # largest remainder, ties low
+    counts = torch.tensor([600, 300, 100])
+    assert torch.bincount(M.generated_labels(50, 3, counts, gen())).tolist() == [30, 15, 5]
+    assert torch.bincount(M.generated_labels(7, 3, counts, gen())).tolist() == [4, 2, 1]  # 4.2, 2.1, 0.7
+    a, b = M.generated_labels(50, 3, counts, gen(1)), M.generated_labels(50, 3, counts, gen(2))
+    assert torch.equal(a, M.generated_labels(50, 3, counts, gen(1))) and not torch.equal(a, b)  # seeded order
+    assert M.generated_labels(5, 0, None, gen()).tolist() == [0] * 5
+
+
+class _ClassLookup(torch.nn.Module):
+    """A "generator" that draws a real image of the class asked for: a perfect class-conditional model."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        super().__init__()
+        self.images, self.labels, self.num_classes, self.z_dim = images, labels, num_classes, 4
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.asked: list[torch.Tensor] = []
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.asked.append(y)
+        pick = [int(torch.nonzero(self.labels == c)[int(abs(v) * 1e4) % int((self.labels == c).sum())])
+                for c, v in zip(y.tolist(), z[:, 0].tolist())]
+        return self.images[pick].float() / 127.5 - 1.0
+
+
+def test_an_imbalanced_reference_is_met_with_its_class_frequencies():
+    """On a set where two classes of ten hold half the images, a perfect class-conditional model asked for its
+    classes as often as the data has them scores near the data; asked uniformly, it would be penalised."""
+    ds = SAGANData("digits", resolution=32).build_dataset("train")
+    x, labels = real_digits(), torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    keep = (labels < 2) | (torch.arange(len(labels)) % 6 == 0)  # classes 0, 1 whole; the rest a sixth
+    x, labels = x[keep], labels[keep]
+    ev = _evaluator("fid")
+    ev.load_reference(torch.utils.data.TensorDataset(x, labels), num_classes=10)
+    assert torch.equal(ev.reference.class_counts, torch.bincount(labels, minlength=10))
+    g = _ClassLookup(x, labels, 10)
+    matched = ev.generator(g, 600, seed=0)
+    asked = torch.bincount(torch.cat(g.asked), minlength=10)
+    expected = 600 * torch.bincount(labels, minlength=10).double() / len(labels)
+    assert (asked - expected).abs().max() <= 1
+    assert matched.protocol["generated_labels"] == "reference class frequencies"
+    ev.reference.class_counts = None  # equal shares, as before class frequencies were kept
+    uniform = ev.generator(g, 600, seed=0)
+    assert matched.values["fid"] < uniform.values["fid"] / 2, (matched.values, uniform.values)
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
