@@ -295,7 +295,7 @@ class FIDEvaluation(pl.Callback):
         g = pl_module.ema_generator()
         res = self._evaluator.generator(g, self.num_samples, seed=self.seed)
         self._per_class = spread_by_class(res.spread_per_class, getattr(trainer.datamodule, "classes", None) or [])
-        return trainer.strategy.broadcast(res.values, src=0)  # equal already; rank 0's copy decides best.ckpt everywhere
+        return trainer.strategy.broadcast(res.values, src=0)  # equal already; rank 0's decides best.ckpt everywhere
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
         step = int(pl_module.g_steps)

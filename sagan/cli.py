@@ -197,7 +197,7 @@ class SAGANCLI(LightningCLI):
             no_gpu = "gpu" in str(e).lower() and not torch.cuda.is_available()
             raise ConfigError(f"the trainer settings do not fit this machine: {e}"
                               + (" (no CUDA GPU here: --trainer.accelerator auto or cpu, and drop configs/trainer/"
-                                 "gpu.yaml)" if no_gpu else " (see sagan fit --help for the trainer options)")) from None
+                                 "gpu.yaml)" if no_gpu else " (sagan fit --help lists the trainer options)")) from None
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # temp file + rename; weights_only loads
         if not interactive(sys.stdout):  # a log file, CI, SLURM: lines, not a redrawn bar
             for i, cb in enumerate(trainer.callbacks):

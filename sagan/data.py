@@ -115,7 +115,8 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
 
     One subfolder per class (images found recursively inside each) makes a labelled set with classes in sorted
     order; images directly in ``root`` and no class subfolders make an unlabelled set (label 0, no classes).
-    Images directly in a ``root`` that has class subfolders are not used, with a warning. A warning counts the files that look like images but are not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
+    Images directly in a ``root`` that has class subfolders are not used, with a warning. A warning counts the
+    files that look like images but are not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
     """
     root = Path(root)
     if not root.is_dir():
