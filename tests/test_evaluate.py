@@ -120,7 +120,7 @@ def test_floor_is_also_compared_at_its_own_sample_count(digits_run, capsys):
     assert m == {"fid": sum(7 + i for i in range(MATCHED_DRAWS)) / MATCHED_DRAWS, "recall": 1.0}
 
 
-def test_label_protocol_script_compares_both_protocols_on_one_checkpoint(digits_run):
+def test_label_protocol_script_compares_both_protocols(digits_run):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("label_protocol", REPO / "scripts/label_protocol.py")
@@ -131,8 +131,24 @@ def test_label_protocol_script_compares_both_protocols_on_one_checkpoint(digits_
     assert lines[0].startswith("reference class counts: [142, 146")  # the 1,437 training digits by class
     rows = [line for line in lines if line.startswith("| uniform") or line.startswith("| class")]
     assert len(rows) == 2 and rows[0] != rows[1]
+    single = rows
     from sagan import metrics as M
     assert M.generated_labels.__name__ == "generated_labels"  # the protocol is put back
+
+    # several checkpoints, one row each, against the held-out floor; accuracy for the digits
+    ckpts = [str(run / "checkpoints" / n) for n in ("last.ckpt", "best.ckpt")]
+    lines = script.main([*ckpts, "--per-checkpoint", "--num-samples", "100"])
+    assert lines[0].startswith("floor (test split against train): FID ")
+    rows = [line for line in lines if line.startswith(f"| {run}")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ckpts
+    cells = [c.strip() for c in rows[0].strip("| ").split("|")]
+    assert len(cells) == 6 and cells[1].endswith("x") and cells[5].endswith("%")
+    fid_floor = float(lines[0].split("FID ")[1].split(",")[0])
+    fid_now_seed0 = float(single[1].split("|")[2])  # the one-checkpoint mode's class-frequency FID, seed 0
+    assert float(cells[2][:-1]) * fid_floor == pytest.approx(fid_now_seed0, abs=0.006 * fid_floor)
+    assert M.generated_labels.__name__ == "generated_labels"
+    with pytest.raises(SystemExit):
+        script.main(ckpts)  # several checkpoints without --per-checkpoint: a usage error
 
 
 def test_evaluate_bad_inputs_one_clear_message_each(digits_run, capsys, tmp_path):
