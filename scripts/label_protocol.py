@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     if a.per_checkpoint:
         return _per_checkpoint(a, ev, dm)
     g = generator_from_checkpoint(ckpt)
-    lines = [f"reference class counts: {ev.reference.class_counts.tolist() if ev.reference.class_counts is not None else None}",
+    counts = ev.reference.class_counts
+    lines = [f"reference class counts: {counts.tolist() if counts is not None else None}",
              f"| labels | FID, seed 0 | FID, seeds 0-{a.seeds - 1}: mean (sd) | recall, seed 0 | recall: mean (sd) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     current = M.generated_labels
