@@ -389,6 +389,24 @@ class SAGANData(pl.LightningDataModule):
         """Number of classes (0 for an unlabelled folder)."""
         return len(self.classes)
 
+    def class_counts(self, split: str = "train") -> Tensor | None:
+        """Images of each class in ``split`` (K,), int64; None for an unlabelled set (no classes)."""
+        if not self.classes:
+            return None
+        if split not in self.splits:
+            raise ConfigError(f"data set {self.dataset!r} has no split {split!r}; it has {list(self.splits)}")
+        if self.dataset == "digits":
+            labels = load_digits_arrays(split)[1]
+        elif self.dataset == "folder":
+            labels = torch.tensor([label for _, label in self._samples], dtype=torch.long)
+        elif self.dataset == "prepared":
+            from .prepared import LABELS
+
+            labels = torch.from_numpy(np.load(Path(self.root) / LABELS, mmap_mode="r").astype(np.int64))
+        else:
+            labels = torch.tensor(self.build_dataset(split).targets, dtype=torch.long)  # type: ignore[attr-defined]
+        return torch.bincount(labels.long(), minlength=self.num_classes)
+
     def image_loader(self) -> ImageLoader:
         """The decoding / resizing of this data module's images (see :class:`ImageLoader`)."""
         return ImageLoader(self.resolution, self.channels)

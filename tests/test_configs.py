@@ -85,12 +85,14 @@ def test_folder_config_is_the_digits_recipe_without_skip_z(capsys):
     configs/digits.yaml but for skip_z (BENCHMARKS.md: on photographs it trades fidelity for variety), so a change to
     the demo's recipe cannot silently leave the folder recipe behind. Mode seeking is lower (the weight README says
     to start at) for the same reason, and LeCam is on: on a flat folder it keeps every kind of image (BENCHMARKS.md
-    "LeCam regularisation keeps the kinds"), and the digits demo never has a flat folder."""
+    "LeCam regularisation keeps the kinds"), and the digits demo never has a flat folder. G's labels follow the
+    folder's class frequencies; the balanced digits keep the uniform draw their figures were measured with."""
     digits, folder = _resolved("digits.yaml", capsys), _resolved("folder32.yaml", capsys)
     assert digits["model"]["skip_z"] is True and folder["model"]["skip_z"] is False
     assert folder["model"]["mode_seeking"] == 0.1 < digits["model"]["mode_seeking"]
     assert folder["model"]["lecam_weight"] == 0.3 and digits["model"]["lecam_weight"] == 0.0
-    own = ("skip_z", "mode_seeking", "lecam_weight")
+    assert folder["model"]["fake_labels"] == "auto" and digits["model"]["fake_labels"] == "uniform"
+    own = ("skip_z", "mode_seeking", "lecam_weight", "fake_labels")
     assert {k: v for k, v in folder["model"].items() if k not in own} == \
         {k: v for k, v in digits["model"].items() if k not in own}
     d = folder["data"]

@@ -228,3 +228,24 @@ def test_batch_larger_than_data_is_a_clear_error(tmp_path):
     dm = SAGANData("folder", root=str(tmp_path / "few"), batch_size=8)
     with pytest.raises(DataError, match="fewer than data.batch_size"):
         dm.setup()
+
+
+def test_class_counts_of_every_kind_of_labelled_set(tmp_path):
+    """``class_counts`` (what ``model.fake_labels: data`` trains on) counts the images of each class, the same for a
+    folder and the prepared set made from it; an unlabelled folder has none."""
+    from sagan.prepared import prepare
+
+    counts = SAGANData("digits").class_counts()
+    assert counts.tolist() == [142, 146, 142, 146, 145, 145, 145, 143, 139, 144]  # the 1,437 training digits
+    assert int(SAGANData("digits").class_counts("test").sum()) == 360
+    root = tmp_path / "imbalanced"
+    for name, n in (("a", 5), ("b", 2), ("c", 9)):
+        write_images(root / name, n, seed=n)
+    folder = SAGANData("folder", root=str(root), resolution=32)
+    assert folder.class_counts().tolist() == [5, 2, 9]
+    prepare(str(root), tmp_path / "prep", resolution=32, workers=1, progress=False)
+    assert SAGANData("prepared", root=str(tmp_path / "prep"), resolution=32).class_counts().tolist() == [5, 2, 9]
+    write_images(tmp_path / "flat", 4)
+    assert SAGANData("folder", root=str(tmp_path / "flat"), resolution=32).class_counts() is None
+    with pytest.raises(ConfigError, match="has no split 'test'"):
+        folder.class_counts("test")

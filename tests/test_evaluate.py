@@ -196,3 +196,20 @@ def test_evaluate_two_folders(tmp_path, capsys):
     assert code == 0
     data = json.loads(out_json.read_text())
     assert data["metrics"]["fid"] >= 0 and data["protocol"]["num_input1"] == 70
+
+
+def test_imbalanced_digits_script_writes_the_long_tail_and_scores_against_it(digits_run, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("imbalanced_digits", REPO / "scripts/imbalanced_digits.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    counts = script.main(["make", str(tmp_path / "lt"), "--imbalance", "10"])
+    assert counts == [142, 113, 85, 68, 52, 40, 31, 24, 18, 14]  # class 0 whole, class 9 a tenth of its 139
+    assert [len(list((tmp_path / "lt" / str(c)).glob("*.png"))) for c in range(10)] == counts
+    run, _ = digits_run
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    lines = script.main(["score", str(tmp_path / "lt"), ckpt, "--num-samples", "100"])
+    assert lines[0].endswith(f"({counts} images by class)")
+    cells = [float(c) for c in lines[3].strip("| ").split(" | ")[1:]]
+    assert len(cells) == 6 and cells[0] > 0 and all(0 <= c <= 1 for c in (cells[1], cells[2], cells[4], cells[5]))

@@ -665,3 +665,63 @@ def test_reuse_fakes_runs_g_once_per_iteration_fewer(tmp_path, monkeypatch, n_di
     reused = [f for f in seen["d_fakes"] if f is not None]
     assert len(reused) == 3 and all(torch.equal(a, b) for a, b in zip(reused, seen["g_fakes"]))
     assert seen["d_fakes"][: n_dis - 1] == [None] * (n_dis - 1)
+
+
+class _CountedData(pl.LightningDataModule):
+    """The 16 images of ``_loader`` with class counts of the data module's choosing (None: like plain loaders)."""
+
+    def __init__(self, counts: list[int] | None) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def class_counts(self, split: str = "train") -> torch.Tensor | None:
+        return None if self.counts is None else torch.tensor(self.counts)
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader()
+
+
+@pytest.mark.parametrize("fake_labels", ["data", "auto"])
+def test_fake_labels_data_asks_g_for_each_class_at_its_training_frequency(tmp_path, fake_labels):
+    """``fake_labels`` 'data' (and the default 'auto' where the data module counts classes): the prior is the data
+    module's class frequencies, G's labels in both steps and in the standing statistics follow it (a class without
+    images is never asked for); 'auto' with plain data loaders is 'uniform'."""
+    assert _model().hparams.fake_labels == "auto"
+    plain = _model(n_dis=1)
+    _fit(plain, max_steps=2, tmp_path=tmp_path)
+    assert not plain.labels_from_data and plain.fake_label_prior.tolist() == [0.25] * 4
+    torch.manual_seed(0)
+    model = _model(n_dis=1, fake_labels=fake_labels)
+    asked = []
+    g_forward, ema_forward = model.generator.forward, model.g_ema.module.forward
+    model.generator.forward = lambda z, y=None: (asked.append(y.clone()), g_forward(z, y))[1]
+    model.g_ema.module.forward = lambda z, y=None: (asked.append(y.clone()), ema_forward(z, y))[1]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=_CountedData([8, 4, 0, 4]))
+    assert model.fake_label_prior.tolist() == [0.5, 0.25, 0.0, 0.25]
+    model.ema_generator()  # the standing statistics of the EMA generator
+    labels = torch.cat(asked)
+    assert len(labels) >= 6 * 4 + 1024 and 2 not in labels.tolist()
+    freq = torch.bincount(model._fake_labels(40_000), minlength=4).double() / 40_000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.25, 0.0, 0.25], dtype=torch.float64), atol=0.01)
+    # the prior travels in the checkpoint; checkpoints from before it load with the uniform one
+    state = model.state_dict()
+    assert torch.equal(state["fake_label_prior"], model.fake_label_prior)
+    fresh = _model(n_dis=1)
+    old = {"state_dict": {k: v for k, v in state.items() if k != "fake_label_prior"},
+           "hyper_parameters": dict(fresh.hparams)}
+    fresh.on_load_checkpoint(old)
+    assert old["state_dict"]["fake_label_prior"].tolist() == [0.25] * 4
+
+
+@pytest.mark.parametrize("counts, found", [(None, "no class counts"), ([3, 3], "2 classes, 6 images"),
+                                           ([0, 0, 0, 0], "4 classes, 0 images")])
+def test_fake_labels_data_without_class_counts_is_one_clear_error(tmp_path, counts, found):
+    model = _model(fake_labels="data")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=f"model.fake_labels 'data'.*{found}.*fake_labels uniform"):
+        trainer.fit(model, datamodule=_CountedData(counts))
+    with pytest.raises(ConfigError, match="must be 'auto', 'data' or 'uniform'"):
+        _model(fake_labels="classes")
