@@ -112,7 +112,8 @@ def test_cli_ddp_fid_once_then_resume_on_one_process(tmp_path):
 
     base = [sys.executable, "-m", "sagan.cli", "fit", "--config", str(REPO / "configs/digits.yaml"), *TINY,
             "--output_root", str(tmp_path), "--experiment", "ddp", "--data.batch_size", "8",
-            "--trainer.accelerator", "cpu", "--samples.every_n_steps", "2"]
+            "--trainer.accelerator", "cpu", "--samples.every_n_steps", "2",
+            "--model.fake_labels", "data"]  # every rank counts the classes of the whole set
     res = subprocess.run([*base, "--trainer.devices", "2", "--trainer.strategy", "sagan.strategy.GANDDPStrategy",
                           "--trainer.strategy.process_group_backend", "gloo", "--trainer.max_steps", "8",
                           "--fid.every_n_steps", "2", "--fid.num_samples", "100",
@@ -127,6 +128,8 @@ def test_cli_ddp_fid_once_then_resume_on_one_process(tmp_path):
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     assert "rng" not in state["sagan"]  # no random state: every stream is a function of (seed, rank, batch)
     assert (run / "checkpoints/best.ckpt").is_file()
+    counts = torch.tensor([142, 146, 142, 146, 145, 145, 145, 143, 139, 144], dtype=torch.float64)
+    assert torch.allclose(state["state_dict"]["fake_label_prior"].double(), counts / counts.sum())
     # resume the 2-process run on 1 process
     res = subprocess.run([*base, "--trainer.devices", "1", "--trainer.max_steps", "12", "--ckpt_path", "last"],
                          capture_output=True, text=True, timeout=300)
