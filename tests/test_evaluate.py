@@ -207,9 +207,12 @@ def test_imbalanced_digits_script_writes_the_long_tail_and_scores_against_it(dig
     counts = script.main(["make", str(tmp_path / "lt"), "--imbalance", "10"])
     assert counts == [142, 113, 85, 68, 52, 40, 31, 24, 18, 14]  # class 0 whole, class 9 a tenth of its 139
     assert [len(list((tmp_path / "lt" / str(c)).glob("*.png"))) for c in range(10)] == counts
+    step = script.main(["make", str(tmp_path / "step"), "--imbalance", "5", "--profile", "step"])
+    assert step == [142, 146, 142, 146, 145, 29, 29, 29, 28, 29]  # classes 5-9 keep a fifth
     run, _ = digits_run
     ckpt = str(run / "checkpoints" / "last.ckpt")
     lines = script.main(["score", str(tmp_path / "lt"), ckpt, "--num-samples", "100"])
     assert lines[0].endswith(f"({counts} images by class)")
+    assert lines[1].endswith("| accuracy 7,8,9 |")  # the three rarest classes
     cells = [float(c) for c in lines[3].strip("| ").split(" | ")[1:]]
     assert len(cells) == 6 and cells[0] > 0 and all(0 <= c <= 1 for c in (cells[1], cells[2], cells[4], cells[5]))
