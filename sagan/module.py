@@ -165,9 +165,9 @@ class SAGAN(pl.LightningModule):
             BigGAN-PyTorch's and StudioGAN's), or 'auto' (the default): 'data' where the data module gives class
             counts (``SAGANData.class_counts``, read at fit start), else 'uniform'. On a balanced set the two agree
             up to the random draw; on an imbalanced one 'data' trains G on the joint distribution of images and
-            classes that D sees and that ``sagan evaluate`` asks for (long-tailed digits, 3 seeds: FID lower on 3 of
-            3, accuracy higher, recall unchanged; BENCHMARKS.md "Imbalanced classes"). The standing statistics
-            draw their classes the same way.
+            classes that D sees and that ``sagan evaluate`` asks for (imbalanced digits, two profiles, 3 seeds
+            each: FID lower on 6 of 6, recall level or higher; BENCHMARKS.md "Imbalanced classes"). The standing
+            statistics draw their classes the same way.
         ema_decay: decay of the EMA generator; ``ema_warmup`` ramps it up as (1+n)/(10+n).
         ema_bn_samples: "standing statistics" of the EMA generator (Brock et al. 2019, BigGAN, appendix C.1):
             before the EMA generator is used (sample grids, in-loop evaluation, attention maps) and in every
