@@ -598,7 +598,7 @@ class SAGAN(pl.LightningModule):
                 "network), or --trainer.strategy ddp_find_unused_parameters_true"
             )
 
-        if self.conditional and self.hparams.get("fake_labels", "uniform") != "uniform":
+        if self.conditional and self.hparams.fake_labels != "uniform":
             self._set_fake_label_prior()
         group, batch = self.hparams.get("mbstd_group", 0), getattr(self.trainer.datamodule, "batch_size", None)
         if group and batch is not None and batch % group:
@@ -655,7 +655,7 @@ class SAGAN(pl.LightningModule):
         for key, value in (("lecam_ema", self.lecam_ema), ("lecam_updates", self.lecam_updates),
                            ("real_pair_distance", self.real_pair_distance),
                            ("fake_label_prior", self.fake_label_prior)):
-            checkpoint["state_dict"].setdefault(key, value.detach().clone())  # checkpoints from before LeCam
+            checkpoint["state_dict"].setdefault(key, value.detach().clone())  # checkpoints from before these buffers
         self.counters.load_state_dict(checkpoint.get("sagan", {}))
         if self.hparams.get("cond_ramp") is not None and self.conditional:
             self._set_cond_strength(self.counters.g_steps)
