@@ -638,7 +638,9 @@ class Evaluator:
         from .progress import progress
 
         out: dict[str, list[Tensor]] = {}
-        rank, _ = dist_info()
+        rank, world = dist_info()
+        if world > 1:  # the bar is rank 0's: it counts rank 0's shard, so that it ends at 100%
+            desc, total = f"{desc} (rank 0's share of {total})", len(shard(total, 0, world))
         with progress(total, desc, "img", disable=not self.progress or rank != 0) as bar:
             for imgs in uint8_batches:
                 for k, v in self._extract(imgs).items():

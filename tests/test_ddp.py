@@ -123,6 +123,7 @@ def test_cli_ddp_fid_once_then_resume_on_one_process(tmp_path):
     out = res.stdout + res.stderr
     assert out.count("[iteration 2] val/fid=") == 1  # computed once (rank 0), printed once, no rank left waiting
     assert out.count("[iteration 4] val/fid=") == 1
+    assert "generating (rank 0's share of 100): 50/50 (100%)" in out  # rank 0's bar ends at 100%
     run = tmp_path / "ddp"
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
