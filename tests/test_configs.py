@@ -17,7 +17,7 @@ CLAIMS = {
     "cifar10.yaml": dict(  # StudioGAN src/configs/CIFAR10/SAGAN.yaml + src/config.py defaults + resnet.py widths
         resolution=32, conditional=True, g_attn=[16], d_attn=[16], g_widths=[256, 256, 256, 256],
         d_widths=[128, 128, 128, 128], d_down=[True, True, False, False], n_dis=5, lr_g=2e-4, lr_d=2e-4,
-        betas=(0.5, 0.999), batch_size=64, loss="hinge", cbn_sn=True, iterations=100_000,
+        betas=(0.5, 0.999), batch_size=64, loss="hinge", cbn_sn=True, iterations=100_000, fake_labels="uniform",
     ),
     "celeba64.yaml": dict(  # SAGAN paper section 5 + official code's 64x64 widths
         resolution=64, conditional=False, g_attn=[32], d_attn=[32], g_widths=[1024, 1024, 512, 256, 128],
@@ -28,6 +28,7 @@ CLAIMS = {
         resolution=128, conditional=True, g_attn=[32], d_attn=[32], g_widths=[1024, 1024, 512, 256, 128, 64],
         d_widths=[64, 128, 256, 512, 1024, 1024], d_down=[True, True, True, True, True, False], n_dis=1,
         lr_g=1e-4, lr_d=4e-4, betas=(0.0, 0.9), batch_size=256, loss="hinge", iterations=1_000_000,
+        fake_labels="uniform",
     ),
 }
 
@@ -50,6 +51,7 @@ def test_recipe_config_matches_its_source(name, capsys):
     assert tuple(m["betas_g"]) == tuple(m["betas_d"]) == claim["betas"]
     assert cfg["trainer"]["max_steps"] == claim["iterations"] * (claim["n_dis"] + 1)
     assert m["cbn_sn"] == claim.get("cbn_sn", False)
+    assert m["fake_labels"] == claim.get("fake_labels", "auto")  # the sources draw G's classes uniformly
     model_args = {k: v for k, v in m.items() if k not in ("resolution", "img_channels", "num_classes")}
     model = SAGAN(resolution=d["resolution"], img_channels=3, num_classes=10 if claim["conditional"] else 0,
                   **model_args)
