@@ -453,6 +453,19 @@ TRAIN_WIDTHS = {32: ("configs/cifar10.yaml", dict(g_ch=64, d_ch=64, g_ch_mult=[4
                                                                    num_classes=0))}
 
 
+def _count_cpu_attention_flops() -> None:
+    """Give torch's FLOP counter the formula of the CPU's fused attention kernel where it lacks one (torch 2.14
+    counts the CUDA SDPA kernels only, so the attention block's matmuls went uncounted on the CPU; 2.15 counts them):
+    the CUDA kernels' formula, same arguments up front. Without it a CPU row's FLOPs depend on the torch version."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, fc.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, fc.sdpa_backward_flop)):
+        if op not in fc.flop_registry and op.default not in fc.flop_registry:
+            fc.register_flop_formula(op, get_raw=True)(formula)  # torch's own, already taking shapes
+
+
 def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16, profile: str | None = None) -> dict:
     """One training configuration in this process: median iteration time after ``warmup`` iterations, the FLOPs of
     one iteration (eager and bf16), and with ``profile`` a torch.profiler table of ``iters`` iterations written to
@@ -518,6 +531,7 @@ def _train_case(res: int, mode: str, iters: int, warmup: int, batch: int = 16, p
     if mode in ("eager", "bf16"):
         from torch.utils.flop_counter import FlopCounterMode
 
+        _count_cpu_attention_flops()
         model.train()
         x = torch.rand(batch, 3, res, res, device=model.device) * 2 - 1
         y = torch.randint(0, max(1, widths["num_classes"]), (batch,), device=model.device)
