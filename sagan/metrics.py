@@ -335,6 +335,7 @@ def _protocol(spec: FeatureSpec, names: list[str], layers: dict[str, str], seed:
         "prc_neighborhood": PRC_NEIGHBORHOOD if "prc" in names else None,
         "allow_few_samples": allow_few,
         "torch_fidelity": _tf_version(),
+        "torch": torch.__version__,  # the kernels that drew the samples and the features round as this version does
     }
 
 

@@ -124,6 +124,7 @@ def test_generator_scores_equal_torch_fidelity_on_folders(tmp_path, inception_we
     assert ours.protocol["num_generated"] == 100 and ours.protocol["num_reference"] == 150
     assert ours.protocol["feature_layers"]["fid"] == "64" and ours.protocol["prc_neighborhood"] == 3
     assert ours.protocol["feature_extractor_weights_sha256"] == M.sha256_file(inception_weights)
+    assert ours.protocol["torch"] == torch.__version__ and ours.protocol["torch_fidelity"]
 
 
 def test_generated_labels_follow_the_reference_class_frequencies():
