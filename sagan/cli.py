@@ -14,6 +14,7 @@ resolved ``config.yaml``. Errors the user can cause are printed as one line and 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -199,6 +200,10 @@ class SAGANCLI(LightningCLI):
                               + (" (no CUDA GPU here: --trainer.accelerator auto or cpu, and drop configs/trainer/"
                                  "gpu.yaml)" if no_gpu else " (sagan fit --help lists the trainer options)")) from None
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # temp file + rename; weights_only loads
+        for lg in wandb_loggers(trainer):  # Lightning passes anonymous=None, which W&B warns about on every run
+            init = getattr(lg, "_wandb_init", None)
+            if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+                del init["anonymous"]
         if not interactive(sys.stdout):  # a log file, CI, SLURM: lines, not a redrawn bar
             for i, cb in enumerate(trainer.callbacks):
                 if isinstance(cb, TQDMProgressBar):
@@ -274,6 +279,7 @@ def main(args: list[str] | None = None) -> None:
     # Checkpoints hold the state after an iteration's optimizer steps by design (a resume continues from there,
     # bit for bit); Lightning's notice about pre-optimisation state (with a code sample) only confuses a user.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+    _quiet_third_party_notices()
     if argv[:1] == ["evaluate"]:
         from .evaluate import main as evaluate_main
 
@@ -303,6 +309,23 @@ def main(args: list[str] | None = None) -> None:
         _finish_wandb(exit_code=1)
         raise
     _finish_wandb(exit_code=0)
+
+
+class _DropAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet_third_party_notices() -> None:
+    """Drop what other packages print on every run that a sagan user can neither act on nor needs: torch 2.14's
+    deprecation of ``LeafSpec``, triggered inside Lightning's own code, and Lightning's advertisement for its
+    hosted logger. (W&B's notice about the ``anonymous`` setting is removed at its source, in
+    ``SAGANCLI.instantiate_trainer``.)"""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdvert())
 
 
 def _finish_wandb(exit_code: int) -> None:

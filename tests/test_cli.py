@@ -247,3 +247,23 @@ def test_ddp_trainer_preset_stacks_on_an_experiment(capsys):
     assert strategy["class_path"] == "sagan.strategy.GANDDPStrategy"
     assert strategy["init_args"]["find_unused_parameters"] is False
     assert printed["trainer"]["sync_batchnorm"] is True and printed["model"]["n_dis"] == 5
+
+
+def test_a_fit_prints_no_third_party_notices_a_user_cannot_act_on(tmp_path):
+    """The demo's output, as a user sees it in a fresh process (W&B offline, the config's logger): none of the
+    notices other packages print on every run (torch's LeafSpec deprecation met inside Lightning, Lightning's
+    logger advertisement, W&B's 'anonymous' notice), and still the run summary."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path), "--experiment", "q",
+            *TINY[:-2], "--trainer.max_steps", "2", "--data.batch_size", "8", "--samples.every_n_steps", "0"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "default"}
+    res = subprocess.run([sys.executable, "-m", "sagan.cli", *args], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "checkpoint:" in out and "wandb" in out.lower()  # the run and its W&B lines are still there
+    for notice in ("LeafSpec", "litlogger", "anonymous setting"):
+        assert notice not in out, notice
