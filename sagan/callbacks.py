@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import Timer
 from torchvision.utils import save_image
 
-from .checkpointing import set_aside_previous_run
+from .checkpointing import naming_the_file, set_aside_previous_run
 from .errors import SaganError
 
 
@@ -62,7 +62,8 @@ class SampleGrid(_FreshFolder):
         out = self._dir(trainer)
         self._ready(out, "sample grids")
         path = out / f"step_{step:06d}.png"
-        save_image(grid, path)
+        with naming_the_file(path):
+            save_image(grid, path)
         self.last_path = path.resolve()
         rows = pl_module.sample_y.view(-1, pl_module.sample_nrow)[:, 0].tolist() if pl_module.conditional else None
         caption = f"iteration {step}" + (f", rows = classes {rows}" if rows else "")
@@ -135,7 +136,8 @@ class AttentionMaps(_FreshFolder):
         out = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "attention"
         self._ready(out, "attention maps")
         path = out / f"step_{step:06d}.png"
-        sheet.save(path)
+        with naming_the_file(path):
+            sheet.save(path)
         log_images(trainer, "attention_maps/G", [str(path)],
                    [f"iteration {step}: per image, rows = attention layers, panels = query points"])
 

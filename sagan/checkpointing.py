@@ -26,6 +26,8 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from torch import Tensor
 
-from .errors import CheckpointError, SaganError
+from .errors import CheckpointError, SaganError, is_disk_full, write_failure_reason
 
 
 class DivergenceError(SaganError):
@@ -63,9 +65,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
+            # torch's zip writer reports a failed write (a full disk, a quota, a file-size limit) as a RuntimeError
+            # ("unexpected pos ...", "PytorchStreamWriter failed writing file ..."), without the errno
+            failed_write = isinstance(e, OSError) or any(m in str(e) for m in _TORCH_WRITE_ERRORS)
+            what = write_failure_reason(e, path.parent) if failed_write else ""
             tmp.unlink(missing_ok=True)
-            what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+            if not failed_write:
+                raise
             raise CheckpointError(
                 f"could not write checkpoint {str(path)!r}: {what}. Any checkpoint already there is intact; free space "
                 "(or choose another --output_root) and resume with --ckpt_path last"
@@ -76,6 +83,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         from .sampling import load_checkpoint
 
         return load_checkpoint(path)
+
+
+_TORCH_WRITE_ERRORS = ("unexpected pos", "PytorchStreamWriter", "file write failed")
+
+
+@contextmanager
+def naming_the_file(path: Path) -> Iterator[None]:
+    """A full disk met while writing ``path`` names ``path`` in its error (a failed ``write()`` carries no name)."""
+    try:
+        yield
+    except OSError as e:
+        if is_disk_full(e) and e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 class Checkpoint(ModelCheckpoint):
@@ -89,7 +110,7 @@ class Checkpoint(ModelCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, (DivergenceError, CheckpointError)):
+        if isinstance(exception, (DivergenceError, CheckpointError)) or is_disk_full(exception):
             return  # keep the last good checkpoint untouched; a failing disk is not retried
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
             return  # possibly this rank alone: no collective here (see the class docstring)

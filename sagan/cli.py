@@ -32,7 +32,7 @@ from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
 from .callbacks import (AttentionMaps, FastMath, FIDEvaluation, LoaderMonitor, RunSummary, SampleGrid,
                         WandbDashboard, wandb_loggers)
 from .data import SAGANData
-from .errors import ConfigError, SaganError
+from .errors import ConfigError, SaganError, disk_full_message, is_disk_full
 from .module import SAGAN
 from .progress import LineProgress, interactive
 from .strategy import GANDDPStrategy
@@ -304,6 +304,14 @@ def main(args: list[str] | None = None) -> None:
     except SaganError as e:
         _finish_wandb(exit_code=2)
         print(f"sagan: error: {_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if not is_disk_full(e):
+            _finish_wandb(exit_code=1)
+            raise
+        _finish_wandb(exit_code=2)
+        print(f"sagan: error: {disk_full_message(e, 'a file of the run')}. The checkpoints already written are "
+              "intact; free space (or choose another --output_root) and resume with --ckpt_path last", file=sys.stderr)
         sys.exit(2)
     except BaseException:
         _finish_wandb(exit_code=1)

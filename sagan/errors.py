@@ -1,5 +1,9 @@
 """Errors a user can cause. The CLI prints these as one clear line (no traceback) and exits with status 2."""
 
+import errno
+import shutil
+from pathlib import Path
+
 
 class SaganError(Exception):
     """Base class: a problem with the user's input (config, data, checkpoint), with the fix in the message."""
@@ -15,3 +19,30 @@ class DataError(SaganError):
 
 class CheckpointError(SaganError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """An ``OSError`` for a full disk or an exhausted quota."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(e: OSError, where: str) -> str:
+    """One line for a full disk met while writing: the file when the error names it, else ``where``."""
+    what = "the disk quota is exhausted" if e.errno == errno.EDQUOT else "the disk is full"
+    return f"could not write {str(e.filename or where)!r}: {what}"
+
+
+def write_failure_reason(e: BaseException, folder: Path) -> str:
+    """The cause of a failed write in words: a full disk (by errno, or by the free space left, since torch's writer
+    drops the errno), else the error's own last line."""
+    if is_disk_full(e):
+        return "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is exhausted"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return f"the disk is full ({free // 1024} KiB free on the device holding {str(folder)!r})"
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return f"the write failed ({str(e).strip().splitlines()[-1]})"

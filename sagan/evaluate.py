@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import SaganError
+from .errors import SaganError, disk_full_message, is_disk_full
 from .metrics import (INCEPTION, MetricsError, compute_metrics, count_images, parse_metrics,
                       resolve_feature_extractor)
 
@@ -233,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate_checkpoint(a) if a.ckpt else evaluate_folders(a)
     except SaganError as e:
         print(f"sagan evaluate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"sagan evaluate: error: {disk_full_message(e, 'the metrics file')}: free space and evaluate again",
+              file=sys.stderr)
         return 2
     finally:
         if started:

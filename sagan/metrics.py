@@ -35,6 +35,7 @@ import hashlib
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from torch.utils.data import Dataset
 from torch_fidelity import calculate_metrics
 
 from . import features
-from .errors import SaganError
+from .errors import SaganError, write_failure_reason
 
 INCEPTION = "inception-v3-compat"
 WEIGHTS_ENV = "SAGAN_INCEPTION_WEIGHTS"
@@ -709,10 +710,17 @@ class Evaluator:
             if cache_name and dist_info()[0] == 0:
                 for layer, entry in stats.items():
                     path = self._cache_path(cache_root, cache_name, layer)
-                    path.parent.mkdir(parents=True, exist_ok=True)
                     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-                    torch.save(entry, tmp)
-                    os.replace(tmp, path)
+                    try:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        torch.save(entry, tmp)
+                        os.replace(tmp, path)
+                    except (OSError, RuntimeError) as e:  # torch's writer drops the errno: RuntimeError
+                        tmp.unlink(missing_ok=True)  # the cache only saves time: evaluate without it
+                        why = write_failure_reason(e, path.parent)
+                        warnings.warn(f"could not cache the reference statistics in {str(path.parent)!r}: {why}. "
+                                      "Evaluating without the cache; the next run computes them again", stacklevel=2)
+                        break
         count = int(stats[layers[0]]["count"])
         sl = stats[self.spread_layer]
         self.reference = Reference(count, num_classes, stats, sl["spread"], sl.get("bins"), sl.get("bin_counts"),

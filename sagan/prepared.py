@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import DataError, SaganError
+from .errors import DataError, SaganError, disk_full_message, is_disk_full
 
 FORMAT = "sagan-prepared"
 VERSION = 1
@@ -268,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         m = prepare(a.source, a.out, a.resolution, a.channels, a.bad_images, a.root, a.split, a.workers, a.overwrite)
     except SaganError as e:
         print(f"sagan prepare: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"sagan prepare: error: {disk_full_message(e, a.out)}: free space or choose another --out",
+              file=sys.stderr)
         return 2
     dt = time.perf_counter() - t
     print(f"sagan prepare: {m['count']} images ({m['channels']}x{m['resolution']}x{m['resolution']}, "

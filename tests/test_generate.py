@@ -208,3 +208,24 @@ def test_truncated_and_foreign_checkpoints_are_clear_errors(ckpts, tmp_path, cap
         assert generate_main(["--ckpt", str(path), "--outdir", str(tmp_path / "o"), "--num", "1"]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(ckpts, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import sagan.generate
+
+    real_save, calls = sagan.generate.save_image, []
+
+    def fills_up(img, path, *a, **k):
+        calls.append(path)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write() raises it: no file name
+        real_save(img, path, *a, **k)
+
+    monkeypatch.setattr(sagan.generate, "save_image", fills_up)
+    out = tmp_path / "full"
+    assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out), "--seeds", "0-9"]) == 2
+    err = capsys.readouterr().err
+    assert "disk is full" in err and str(out) in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert len(list(out.glob("*.png"))) == 3

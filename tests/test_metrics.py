@@ -332,6 +332,30 @@ def test_large_references_keep_a_seeded_subset_of_features_for_kid_and_recall(tm
     assert counting.reads == 0 and torch.equal(cached.reference.stats[layer]["features"], kept)
 
 
+def test_a_reference_cache_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path, monkeypatch):
+    """The cache only saves time: on a full disk (torch's writer raises a RuntimeError without the errno) the
+    evaluation goes on with the statistics it computed, says so once, and leaves no partial file behind."""
+    import shutil
+
+    real = real_digits()[:120]
+    expected = _evaluator("fid")
+    expected.load_reference(Images(real))
+
+    def full_disk(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2112 vs 2000")
+
+    monkeypatch.setattr(M.torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    ev = _evaluator("fid")
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning, match="could not cache the reference statistics.*the disk is full"):
+        ev.load_reference(Images(real), cache_name="digits120", cache_root=str(cache))
+    assert list(cache.rglob("*")) == [] or all(p.is_dir() for p in cache.rglob("*"))
+    layer = ev.layers["fid"]
+    assert torch.equal(ev.reference.stats[layer]["mu"], expected.reference.stats[layer]["mu"])
+
+
 def test_too_few_images_or_samples_is_a_clear_error():
     g = _tiny_generator(0)
     ev = _evaluator("fid")

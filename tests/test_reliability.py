@@ -2,6 +2,7 @@
 full disks, foreign and truncated checkpoints, unreadable images."""
 
 import errno
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,7 +164,10 @@ def test_nan_loss_can_be_skipped_a_bounded_number_of_times(tmp_path, monkeypatch
     assert "training diverged" in capsys.readouterr().err
 
 
-def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("torch_says", ["errno", "zip writer"])
+def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys, torch_says):
+    """A full disk as an OSError, and as torch's zip writer reports it (a RuntimeError without the errno; then the
+    free space tells)."""
     args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
             "--output_root", str(tmp_path), "--experiment", "full", "--samples.every_n_steps", "0",
             "--checkpoint.every_n_train_steps", "2"]
@@ -175,13 +179,45 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch,
     def full_disk(obj, f, *a, **k):
         if hasattr(f, "write"):
             f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if torch_says == "errno":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1831232 vs 1831120")
 
     monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
     assert run_cli([*args, "--trainer.max_steps", "8", "--ckpt_path", "last"]) == 2
     monkeypatch.setattr(torch, "save", real_save)
     err = capsys.readouterr().err
     assert "disk is full" in err and "intact" in err and "Traceback" not in err
+    assert last.read_bytes() == before
+    assert not list(last.parent.glob("*.tmp-*"))
+
+
+def test_a_failed_write_through_torchs_real_writer_is_one_clear_error(tmp_path):
+    """No mock: the process may not write files larger than half a checkpoint (RLIMIT_FSIZE, as a full disk or a
+    quota would stop it), so torch's own writer fails mid-file. One line, the previous checkpoint as it was, no
+    temporary file left behind."""
+    import os
+    import resource
+
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--experiment", "lim", "--samples.every_n_steps", "0",
+            "--checkpoint.every_n_train_steps", "2"]
+    assert run_cli([*args, "--trainer.max_steps", "4"]) == 0
+    last = tmp_path / "lim/checkpoints/last.ckpt"
+    before = last.read_bytes()
+    limit = len(before) // 2
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    res = subprocess.run([sys.executable, "-m", "sagan.cli", *args, "--trainer.max_steps", "8", "--ckpt_path", "last"],
+                         capture_output=True, text=True, preexec_fn=small_files, cwd=tmp_path, timeout=300,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert res.returncode == 2, res.stderr
+    assert "could not write checkpoint" in res.stderr and "intact" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
     assert last.read_bytes() == before
     assert not list(last.parent.glob("*.tmp-*"))
 
@@ -223,3 +259,19 @@ def test_unreadable_images_skipped_and_counted_when_asked(tmp_path, recwarn):
     skipped = {str(w.message) for w in recwarn if "skipping unreadable image" in str(w.message)}
     assert any("img_002.png" in m for m in skipped) and any("img_007.png" in m for m in skipped)
     assert any("2 skipped so far" in m for m in skipped)
+
+
+def test_disk_full_while_writing_a_sample_grid_names_the_file(tmp_path, monkeypatch, capsys):
+    import sagan.callbacks
+
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--experiment", "grid", "--samples.every_n_steps", "2",
+            "--trainer.max_steps", "8"]
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write() raises it: no file name
+
+    monkeypatch.setattr(sagan.callbacks, "save_image", full_disk)
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "step_000002.png" in err and "disk is full" in err and "Traceback" not in err, err
