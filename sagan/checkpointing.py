@@ -114,7 +114,16 @@ class Checkpoint(ModelCheckpoint):
             return  # keep the last good checkpoint untouched; a failing disk is not retried
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
             return  # possibly this rank alone: no collective here (see the class docstring)
-        super().on_exception(trainer, pl_module, exception)
+        if not self._should_save_on_exception(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)  # ModelCheckpoint.on_exception, with a message a user reads
+        self._save_checkpoint(trainer, self.format_checkpoint_name(metrics=candidates))
+        self._save_last_checkpoint(trainer, candidates)
+        what = ("interrupted (Ctrl-C)" if isinstance(exception, KeyboardInterrupt)
+                else "stopped by SIGTERM" if isinstance(exception, SIGTERMException)
+                else f"stopped by an error ({type(exception).__name__})")
+        saved = self.last_model_path or "a checkpoint"
+        rank_zero_info(f"sagan: {what} at iteration {int(pl_module.g_steps)}: saved {saved}; resume with --ckpt_path last")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A fresh run (no ``ckpt_path``) in a folder that may hold another run's checkpoints (``--overwrite``):

@@ -122,6 +122,25 @@ def test_signal_saves_a_complete_checkpoint_and_exits_cleanly(tmp_path, sig):
     assert not list((tmp_path / "p" / "checkpoints").glob("*.tmp-*"))  # no half-written files left
 
 
+@pytest.mark.timeout(300)
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    cmd = [*FIT, "--output_root", str(tmp_path), "--experiment", "c", "--trainer.max_steps", "100000",
+           "--checkpoint.every_n_train_steps", "100000", "--samples.every_n_steps", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for((tmp_path / "c" / "samples" / "step_000003.png").exists, 240, proc)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, out[-3000:]  # `make demo` stops there
+    last = tmp_path / "c" / "checkpoints" / "last.ckpt"
+    assert "interrupted (Ctrl-C) at iteration" in out and f"saved {last}" in out and "--ckpt_path last" in out, out
+    assert "Traceback" not in out and "was raised with message" not in out, out[-3000:]
+    state = _state(last)
+    assert state["sagan"]["g_steps"] >= 3 and state["optimizer_states"] and state["state_dict"]
+
+
 def _nan_after(n: int, until: int = 10**9):
     """A get_losses whose discriminator loss is NaN on calls n+1 .. until."""
     from sagan.losses import d_hinge, g_hinge
