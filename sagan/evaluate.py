@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import SaganError, disk_full_message, is_disk_full
+from .errors import SaganError, disk_full_message, is_disk_full, write_failure_reason
 from .metrics import (INCEPTION, MetricsError, compute_metrics, count_images, parse_metrics,
                       resolve_feature_extractor)
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if not is_disk_full(e):
             raise
-        print(f"sagan evaluate: error: {disk_full_message(e, 'the metrics file')}: free space and evaluate again",
+        print(f"sagan evaluate: error: {disk_full_message(e, 'a file')}: free space and evaluate again",
               file=sys.stderr)
         return 2
     finally:
@@ -247,6 +247,30 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     json_path = out.pop("_json")
     if json_path is not None:
-        json_path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-        print(f"wrote {json_path}")
+        return _write_json(out, json_path, asked=bool(a.json))
+    return 0
+
+
+def _write_json(out: dict, path: Path, asked: bool) -> int:
+    """Write the result atomically (no truncated file on a full disk). Where the default place beside the
+    checkpoint cannot be written (a read-only or shared run folder, a full disk), the printed table is the result
+    and the exit status stays 0; a ``--json`` path that cannot be written is an error."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        why = write_failure_reason(e, path.parent)
+        if asked:
+            print(f"sagan evaluate: error: could not write {str(path)!r}: {why}; the numbers above are the result",
+                  file=sys.stderr)
+            return 2
+        print(f"sagan evaluate: could not write {str(path)!r} beside the checkpoint ({why}); the numbers above are "
+              "the result: pass --json PATH to keep them in a file", file=sys.stderr)
+        return 0
+    print(f"wrote {path}")
     return 0

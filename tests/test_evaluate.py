@@ -92,6 +92,29 @@ def test_evaluate_checkpoint_prints_table_and_writes_protocol(digits_run, capsys
     assert f"least varied classes (spread, generated over real): {low[0]} {per[low[0]]:.2f}, {low[1]} " in out
 
 
+def test_a_json_that_cannot_be_written_keeps_the_printed_result(digits_run, capsys, tmp_path):
+    """Beside a checkpoint in a read-only or shared folder the JSON cannot be written: the table is the result, one
+    line says so, exit 0; a --json path that cannot be written is an error. Real failures, no mocks: a folder
+    where the JSON should go, a file where its folder should be. No partial file is left."""
+    run, cache = digits_run
+    ckpt = tmp_path / "shared" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
+    ckpt.with_suffix(".metrics.json").mkdir()  # os.replace onto it fails
+    args = ["--ckpt", str(ckpt), "--num-samples", "100", "--metrics", "fid", "--cache-root", str(cache),
+            "--device", "cpu"]
+    capsys.readouterr()
+    assert evaluate_main(args) == 0
+    out = capsys.readouterr()
+    assert "fid" in out.out and "could not write" in out.err and "--json PATH" in out.err, out.err
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt", "last.metrics.json"]
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    assert evaluate_main([*args, "--json", str(blocker / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert "error: could not write" in err and "m.json" in err and "Traceback" not in err, err
+
+
 def test_floor_is_also_compared_at_its_own_sample_count(digits_run, capsys):
     """More generated samples than held-out images: a second row scores the generator on as many samples as the
     floor has (FID and k-NN recall both depend on the count), the mean of MATCHED_DRAWS different draws."""
