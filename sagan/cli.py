@@ -280,18 +280,12 @@ def main(args: list[str] | None = None) -> None:
     # bit for bit); Lightning's notice about pre-optimisation state (with a code sample) only confuses a user.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     _quiet_third_party_notices()
-    if argv[:1] == ["evaluate"]:
-        from .evaluate import main as evaluate_main
-
-        sys.exit(evaluate_main(argv[1:]))
-    if argv[:1] == ["generate"]:
-        from .generate import main as generate_main
-
-        sys.exit(generate_main(argv[1:]))
-    if argv[:1] == ["prepare"]:
-        from .prepared import main as prepare_main
-
-        sys.exit(prepare_main(argv[1:]))
+    if argv[0] in ("evaluate", "generate", "prepare"):
+        try:
+            sys.exit(_subcommand_main(argv[0])(argv[1:]))
+        except KeyboardInterrupt:  # Ctrl-C: what was written stays (generate's images, prepare removes its part)
+            print(f"sagan {argv[0]}: interrupted", file=sys.stderr)
+            sys.exit(130)
     try:
         SAGANCLI(
             SAGAN,
@@ -313,10 +307,25 @@ def main(args: list[str] | None = None) -> None:
         print(f"sagan: error: {disk_full_message(e, 'a file of the run')}. The checkpoints already written are "
               "intact; free space (or choose another --output_root) and resume with --ckpt_path last", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training starts (Lightning handles it during the fit)
+        _finish_wandb(exit_code=130)
+        print("sagan: interrupted", file=sys.stderr)
+        sys.exit(130)
     except BaseException:
         _finish_wandb(exit_code=1)
         raise
     _finish_wandb(exit_code=0)
+
+
+def _subcommand_main(name: str):
+    """The entry point of ``sagan evaluate``, ``generate`` or ``prepare`` (imported only when used)."""
+    if name == "evaluate":
+        from .evaluate import main
+    elif name == "generate":
+        from .generate import main
+    else:
+        from .prepared import main
+    return main
 
 
 class _DropAdvert(logging.Filter):

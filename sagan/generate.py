@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -67,15 +68,21 @@ def generate_images(g: Generator, seeds: list[int], labels: torch.Tensor | None,
     same seed gives the same PNG, bit for bit, whatever the batch size (and one image per pass is also the
     fastest there, see BENCHMARKS.md). On a GPU ``batch_size`` images share a pass and agree to float rounding.
     """
+    return torch.cat(list(iter_images(g, seeds, labels, truncation, batch_size, device, progress)))
+
+
+@torch.no_grad()
+def iter_images(g: Generator, seeds: list[int], labels: torch.Tensor | None, truncation: float | None,
+                batch_size: int, device: torch.device, progress: bool = True) -> Iterator[torch.Tensor]:
+    """:func:`generate_images` one batch of seeds at a time (images of ``seeds[i * batch_size:]`` in order), so
+    that writing 50,000 samples holds one batch in memory, not 50,000 images (9.8 GB of float32 at 128x128)."""
     per_pass = 1 if device.type == "cpu" else batch_size
-    out = []
     for s in track(range(0, len(seeds), batch_size), disable=not progress or len(seeds) <= batch_size,
                    desc="generating", unit="batch"):
         z = latents_for_seeds(seeds[s:s + batch_size], g.z_dim, truncation).to(device)
         y = labels[s:s + batch_size].to(device) if labels is not None else None
-        for i in range(0, len(z), per_pass):
-            out.append(g(z[i:i + per_pass], y[i:i + per_pass] if y is not None else None).float().cpu())
-    return torch.cat(out)
+        yield torch.cat([g(z[i:i + per_pass], y[i:i + per_pass] if y is not None else None).float().cpu()
+                         for i in range(0, len(z), per_pass)])
 
 
 def _save(img: torch.Tensor, path: Path) -> None:
@@ -123,33 +130,34 @@ def run(a: argparse.Namespace) -> str:
     if a.attention_maps:
         written += [str(p) for p in attention_maps(g, seeds[:8], a, out, device)]
     if not (a.interpolate or a.attention_maps) or a.grid or a.seeds or a.num is not None or a.per_class:
+        kept = []  # the grid's images; the others are written and dropped batch by batch
         if a.per_class:
-            classes = list(range(k))
-            all_imgs = []
-            for c in track(classes, desc="classes", unit="class", disable=len(seeds) * k < 256):
-                imgs = generate_images(g, seeds, torch.full((len(seeds),), c, dtype=torch.long), a.truncation,
-                                       a.batch_size, device, progress=False)
-                all_imgs.append(imgs)
-                if not a.no_images:
-                    for s, img in zip(seeds, imgs):
-                        _save(img, out / names[c] / f"{s:06d}.png")
-            imgs = torch.cat(all_imgs)
-            n_images = len(imgs)
+            for c in track(list(range(k)), desc="classes", unit="class", disable=len(seeds) * k < 256):
+                done = 0
+                for imgs in iter_images(g, seeds, torch.full((len(seeds),), c, dtype=torch.long), a.truncation,
+                                        a.batch_size, device, progress=False):
+                    if not a.no_images:
+                        for s, img in zip(seeds[done:done + len(imgs)], imgs):
+                            _save(img, out / names[c] / f"{s:06d}.png")
+                    done += len(imgs)
+                    n_images += len(imgs)
+                    kept += [imgs] if a.grid else []
             nrow = len(seeds)
         else:
             labels = None
             if k > 0:
                 labels = (torch.full((len(seeds),), a.class_label, dtype=torch.long) if a.class_label is not None
                           else labels_for_seeds(seeds, k))
-            imgs = generate_images(g, seeds, labels, a.truncation, a.batch_size, device)
-            n_images = len(imgs)
-            if not a.no_images:
-                for s, img in zip(seeds, imgs):
-                    _save(img, out / f"{s:06d}.png")
-            nrow = max(1, math.ceil(math.sqrt(len(imgs))))
+            for imgs in iter_images(g, seeds, labels, a.truncation, a.batch_size, device):
+                if not a.no_images:
+                    for s, img in zip(seeds[n_images:n_images + len(imgs)], imgs):
+                        _save(img, out / f"{s:06d}.png")
+                n_images += len(imgs)
+                kept += [imgs] if a.grid else []
+            nrow = max(1, math.ceil(math.sqrt(n_images)))
         if a.grid:
             grid = out / "grid.png"
-            save_image(make_grid((imgs + 1) / 2, nrow=nrow, padding=2), grid)
+            save_image(make_grid((torch.cat(kept) + 1) / 2, nrow=nrow, padding=2), grid)
             written.append(str(grid))
     where = f"{n_images} images in {out}" if n_images and not a.no_images else f"output in {out}"
     return f"sagan generate: {where}" + (f"; also {', '.join(written)}" if written else "")
