@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -141,6 +142,7 @@ def _init_worker(loader: Callable[[Any], np.ndarray]) -> None:
     global _LOADER
     _LOADER = loader
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent stops the pool
 
 
 def _load(job: tuple[int, Any]) -> tuple[int, np.ndarray | None, str | None]:

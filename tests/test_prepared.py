@@ -171,3 +171,38 @@ def test_a_slow_loader_is_reported_with_the_fix(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ImageLoader, "__call__", real_call)
     assert run_cli([*args, "--experiment", "fast"]) == 0
     assert "bottleneck" not in capsys.readouterr().out  # 16 tiny images from the page cache: the model is slower
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_every_worker_with_one_line_and_leaves_nothing(tmp_path):
+    """Ctrl-C reaches the whole process group, the decoding workers too: one line from the parent, no worker
+    tracebacks, exit 130, and neither the output nor its temporary folder left behind."""
+    import os
+    import signal
+    import time
+
+    src = tmp_path / "big"
+    src.mkdir()
+    big = Image.new("RGB", (6000, 6000), (10, 20, 30))  # ~0.7 s to decode each: the workers are busy for seconds
+    for i in range(8):
+        big.save(src / f"{i}.png", compress_level=1)
+    out = tmp_path / "prepared"
+    proc = subprocess.Popen([sys.executable, "-m", "sagan.cli", "prepare", "--source", str(src), "--out", str(out),
+                             "--resolution", "32", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:  # until both workers run
+            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            if len(kids) >= 2:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "sagan prepare: interrupted", err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
