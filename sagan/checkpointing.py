@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import shutil
@@ -123,7 +122,8 @@ class Checkpoint(ModelCheckpoint):
                 else "stopped by SIGTERM" if isinstance(exception, SIGTERMException)
                 else f"stopped by an error ({type(exception).__name__})")
         saved = self.last_model_path or "a checkpoint"
-        rank_zero_info(f"sagan: {what} at iteration {int(pl_module.g_steps)}: saved {saved}; resume with --ckpt_path last")
+        rank_zero_info(f"sagan: {what} at iteration {int(pl_module.g_steps)}: saved {saved}; "
+                       "resume with --ckpt_path last")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A fresh run (no ``ckpt_path``) in a folder that may hold another run's checkpoints (``--overwrite``):
