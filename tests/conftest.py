@@ -57,3 +57,12 @@ def class_folder(tmp_path: Path) -> Path:
     write_images(root / "cat", 10, seed=1)
     write_images(root / "dog", 10, seed=2)
     return root
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a subprocess that a test interrupts with SIGINT: a test run started in the background (a
+    shell's ``&``, some CI runners) ignores SIGINT, its children inherit that, and Python then never raises
+    KeyboardInterrupt. A terminal's Ctrl-C meets the default disposition: restore it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,7 +11,7 @@ from PIL import Image
 from sagan.generate import main as generate_main
 from sagan.sampling import class_names, generator_from_checkpoint, latents_for_seeds, parse_class, parse_seeds
 
-from conftest import REPO, TINY, write_images, run_cli
+from conftest import REPO, TINY, run_cli, sigint_as_in_a_terminal, write_images
 
 
 
@@ -241,7 +241,8 @@ def test_ctrl_c_is_one_line_and_keeps_the_images_written(ckpts, tmp_path):
     out = tmp_path / "many"
     proc = subprocess.Popen([sys.executable, "-m", "sagan.cli", "generate", "--ckpt", str(ckpts["cond"]),
                              "--outdir", str(out), "--num", "100000", "--batch-size", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 90
         while len(list(out.glob("*.png"))) < 3 and proc.poll() is None and time.monotonic() < deadline:

@@ -14,7 +14,7 @@ from sagan.data import SAGANData
 from sagan.errors import DataError
 from sagan.prepared import IMAGES, PreparedDataset, prepare, read_manifest
 
-from conftest import REPO, TINY, run_cli, write_images
+from conftest import REPO, TINY, run_cli, sigint_as_in_a_terminal, write_images
 
 
 def _images(ds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +189,7 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_leaves_nothing(tmp_path):
     out = tmp_path / "prepared"
     proc = subprocess.Popen([sys.executable, "-m", "sagan.cli", "prepare", "--source", str(src), "--out", str(out),
                              "--resolution", "32", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:  # until both workers run

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 
-from conftest import REPO, TINY, write_images, run_cli
+from conftest import REPO, TINY, run_cli, sigint_as_in_a_terminal, write_images
 
 FIT = [sys.executable, "-m", "sagan.cli", "fit", "--config", str(REPO / "configs/digits.yaml"), *TINY,
        "--data.batch_size", "64", "--samples.every_n_steps", "0"]
@@ -126,7 +126,8 @@ def test_signal_saves_a_complete_checkpoint_and_exits_cleanly(tmp_path, sig):
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     cmd = [*FIT, "--output_root", str(tmp_path), "--experiment", "c", "--trainer.max_steps", "100000",
            "--checkpoint.every_n_train_steps", "100000", "--samples.every_n_steps", "3"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     try:
         _wait_for((tmp_path / "c" / "samples" / "step_000003.png").exists, 240, proc)
         proc.send_signal(signal.SIGINT)
