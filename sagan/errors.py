@@ -2,6 +2,7 @@
 
 import errno
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -30,6 +31,15 @@ def disk_full_message(e: OSError, where: str) -> str:
     """One line for a full disk met while writing: the file when the error names it, else ``where``."""
     what = "the disk quota is exhausted" if e.errno == errno.EDQUOT else "the disk is full"
     return f"could not write {str(e.filename or where)!r}: {what}"
+
+
+def disk_full_exit(prog: str, e: OSError, where: str, fix: str) -> int:
+    """A command's answer to an ``OSError`` met while writing: a full disk is one line on stderr and exit status 2
+    (``where`` names what was being written when the error does not); any other error is raised again."""
+    if not is_disk_full(e):
+        raise e
+    print(f"{prog}: error: {disk_full_message(e, where)}: {fix}", file=sys.stderr)
+    return 2
 
 
 def write_failure_reason(e: BaseException, folder: Path) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import SaganError, disk_full_message, is_disk_full, write_failure_reason
+from .errors import SaganError, disk_full_exit, write_failure_reason
 from .metrics import (INCEPTION, MetricsError, compute_metrics, count_images, parse_metrics,
                       resolve_feature_extractor)
 
@@ -235,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sagan evaluate: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        print(f"sagan evaluate: error: {disk_full_message(e, 'a file')}: free space and evaluate again",
-              file=sys.stderr)
-        return 2
+        return disk_full_exit("sagan evaluate", e, "a file", "free space and evaluate again")
     finally:
         if started:
             import torch.distributed as dist

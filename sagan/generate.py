@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from .errors import SaganError, disk_full_message, is_disk_full
+from .errors import SaganError, disk_full_exit
 from .models import Generator
 from .progress import track
 from .sampling import (class_names, generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds,
@@ -217,10 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sagan generate: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        print(f"sagan generate: error: {disk_full_message(e, f'a file in {a.outdir}')}; the images written before it are kept: "
-              "free space or choose another --outdir", file=sys.stderr)
-        return 2
+        return disk_full_exit("sagan generate", e, f"a file in {a.outdir}",
+                              "the images written before it are kept; free space or choose another --outdir")
     print(summary)
     return 0

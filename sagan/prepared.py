@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import DataError, SaganError, disk_full_message, is_disk_full
+from .errors import DataError, SaganError, disk_full_exit
 
 FORMAT = "sagan-prepared"
 VERSION = 1
@@ -272,11 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sagan prepare: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if not is_disk_full(e):
-            raise
-        print(f"sagan prepare: error: {disk_full_message(e, a.out)}: free space or choose another --out",
-              file=sys.stderr)
-        return 2
+        return disk_full_exit("sagan prepare", e, a.out, "free space or choose another --out")
     dt = time.perf_counter() - t
     print(f"sagan prepare: {m['count']} images ({m['channels']}x{m['resolution']}x{m['resolution']}, "
           f"{len(m['classes'])} classes) in {a.out} ({dt:.1f} s, {m['count'] / max(dt, 1e-9):.0f} images/s)"

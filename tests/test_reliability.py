@@ -184,16 +184,21 @@ def test_nan_loss_can_be_skipped_a_bounded_number_of_times(tmp_path, monkeypatch
     assert "training diverged" in capsys.readouterr().err
 
 
+def _a_run_with_a_checkpoint(tmp_path: Path, experiment: str) -> tuple[list[str], Path, bytes]:
+    """A 2-iteration fit whose last.ckpt a later resume must leave intact: (its fit args, last.ckpt, its bytes)."""
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--experiment", experiment, "--samples.every_n_steps", "0",
+            "--checkpoint.every_n_train_steps", "2"]
+    assert run_cli([*args, "--trainer.max_steps", "4"]) == 0
+    last = tmp_path / experiment / "checkpoints" / "last.ckpt"
+    return args, last, last.read_bytes()
+
+
 @pytest.mark.parametrize("torch_says", ["errno", "zip writer"])
 def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, capsys, torch_says):
     """A full disk as an OSError, and as torch's zip writer reports it (a RuntimeError without the errno; then the
     free space tells)."""
-    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
-            "--output_root", str(tmp_path), "--experiment", "full", "--samples.every_n_steps", "0",
-            "--checkpoint.every_n_train_steps", "2"]
-    assert run_cli([*args, "--trainer.max_steps", "4"]) == 0
-    last = tmp_path / "full/checkpoints/last.ckpt"
-    before = last.read_bytes()
+    args, last, before = _a_run_with_a_checkpoint(tmp_path, "full")
     real_save = torch.save
 
     def full_disk(obj, f, *a, **k):
@@ -220,12 +225,7 @@ def test_a_failed_write_through_torchs_real_writer_is_one_clear_error(tmp_path):
     import os
     import resource
 
-    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
-            "--output_root", str(tmp_path), "--experiment", "lim", "--samples.every_n_steps", "0",
-            "--checkpoint.every_n_train_steps", "2"]
-    assert run_cli([*args, "--trainer.max_steps", "4"]) == 0
-    last = tmp_path / "lim/checkpoints/last.ckpt"
-    before = last.read_bytes()
+    args, last, before = _a_run_with_a_checkpoint(tmp_path, "lim")
     limit = len(before) // 2
 
     def small_files() -> None:
