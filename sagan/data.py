@@ -29,7 +29,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchvision import transforms
@@ -45,6 +45,7 @@ UNREAD_IMAGE_EXTENSIONS = (".heic", ".heif", ".jxl", ".svg", ".dng", ".cr2", ".c
                            ".rw2", ".raw", ".exr", ".hdr")
 # part of a folder's fingerprint (cached reference statistics): bump when ImageLoader's pixels change
 LOADER_VERSION = 2
+BLACK = (0, 0, 0)
 DATASETS = ("digits", "cifar10", "folder", "prepared")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -163,17 +164,17 @@ class ImageLoader:
     exactly the folder path's pixels. Unreadable or truncated files raise :class:`DataError` naming the file.
     Before the conversion (:func:`to_8bit`): the EXIF orientation is applied (a camera's portrait photo is
     trained upright, as viewers show it), 16-bit and float images are scaled to 8 bits instead of clipped, and
-    transparent pixels are composited onto black. Large JPEGs decode at a reduced scale (PIL's ``draft``: the
+    transparent pixels are composited onto ``background`` (an RGB colour; black by default). Large JPEGs decode at a reduced scale (PIL's ``draft``: the
     DCT's 1/2, 1/4 or 1/8, never below twice ``resolution`` on either side) before the antialiased resize
     (12-megapixel JPEGs at 32-128: 8.5x faster, PSNR at least 52 dB against the full decode; BENCHMARKS.md).
     """
 
-    def __init__(self, resolution: int, channels: int) -> None:
-        self.resolution, self.mode = resolution, "RGB" if channels == 3 else "L"
+    def __init__(self, resolution: int, channels: int, background: tuple[int, int, int] = BLACK) -> None:
+        self.resolution, self.mode, self.background = resolution, "RGB" if channels == 3 else "L", background
         self.transform = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution)])
 
     def pil(self, img: Image.Image) -> np.ndarray:
-        arr = np.array(self.transform(to_8bit(img).convert(self.mode)), dtype=np.uint8)  # (R, R, C) or (R, R)
+        arr = np.array(self.transform(to_8bit(img, self.background).convert(self.mode)), dtype=np.uint8)  # (R, R, C) or (R, R)
         return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, R, R)
 
     def __call__(self, path: str | os.PathLike) -> np.ndarray:
@@ -195,14 +196,32 @@ class ImageLoader:
 EXIF_ORIENTATION = 0x0112
 
 
-def to_8bit(img: Image.Image) -> Image.Image:
+def parse_background(colour: str | None, what: str = "data.background") -> tuple[int, int, int]:
+    """``data.background`` -> an RGB triple: any colour PIL names ('black', 'white', '#7f7f7f', 'rgb(0,128,0)');
+    None is black. A colour PIL cannot read is a :class:`ConfigError` naming ``what`` and the colour."""
+    if colour is None:
+        return BLACK
+    try:
+        rgb = ImageColor.getrgb(str(colour))
+    except ValueError:
+        raise ConfigError(f"{what} {colour!r} is not a colour: use a name ('black', 'white'), '#rrggbb' "
+                          "or 'rgb(r, g, b)'") from None
+    return tuple(rgb[:3])  # type: ignore[return-value]
+
+
+def _colour(rgb: tuple[int, int, int]) -> str:
+    return {BLACK: "black", (255, 255, 255): "white"}.get(rgb, "#%02x%02x%02x" % rgb)
+
+
+def to_8bit(img: Image.Image, background: tuple[int, int, int] = BLACK) -> Image.Image:
     """An image PIL's ``convert`` to 'RGB' / 'L' would get wrong, made 8-bit first (others pass unchanged).
 
     * 16-bit integer ('I;16*'): x / 257, the full range onto 0..255 (``convert`` clips at 255: nearly white).
     * 32-bit integer ('I'): as 16-bit, unless its values fit in 0..255 already (then as they are).
     * float ('F'): values in [0, 1] are scaled by 255 (``convert`` truncates them to 0: black); others clipped.
-    * transparency (alpha, or a palette's transparent index): composited onto black, so what lies under a fully
-      transparent pixel (often arbitrary) never reaches the model.
+    * transparency (alpha, or a palette's transparent index): composited onto ``background`` (black unless
+      ``data.background`` says otherwise), so what lies under a fully transparent pixel (often arbitrary) never
+      reaches the model.
     """
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)  # (H, W)
@@ -215,7 +234,7 @@ def to_8bit(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     return img
 
 
@@ -322,6 +341,10 @@ class SAGANData(pl.LightningDataModule):
         bad_images: unreadable or truncated files in a folder: 'stop' with an error naming the file, or 'skip'
             (warn, count, serve the next readable image).
         seed: seed of the shuffling (None = the run's ``seed_everything`` seed).
+        background: the colour that transparent pixels of images with an alpha channel (or a palette's
+            transparent index) are composited onto: a colour PIL names ('black', 'white', '#rrggbb',
+            'rgb(r, g, b)'). None = black; for a prepared set, the colour it was prepared with. Sprites and icons
+            drawn on white: 'white'.
     """
 
     def __init__(
@@ -337,8 +360,10 @@ class SAGANData(pl.LightningDataModule):
         bad_images: Literal["stop", "skip"] = "stop",
         in_memory: bool = False,
         seed: int | None = None,
+        background: str | None = None,
     ) -> None:
         super().__init__()
+        rgb = parse_background(background)
         if bad_images not in ("stop", "skip"):
             raise ConfigError(f"data.bad_images must be 'stop' or 'skip', got {bad_images!r}")
         if dataset not in DATASETS:
@@ -357,6 +382,13 @@ class SAGANData(pl.LightningDataModule):
                     f"images but data.resolution is {resolution}: set data.resolution "
                     f"{self.manifest['resolution']}, or prepare the source again at {resolution}"
                 )
+            prepared_on = tuple(self.manifest.get("background", BLACK))
+            if background is not None and rgb != prepared_on:
+                raise ConfigError(
+                    f"the prepared set {root!r} was made with transparent pixels on {_colour(prepared_on)}, but "
+                    f"data.background is {background!r}: leave data.background unset, or prepare the source again "
+                    f"with --background {background}")
+            rgb = prepared_on
             if channels is not None and channels != self.manifest["channels"]:
                 raise ConfigError(f"the prepared set {root!r} has {self.manifest['channels']} channels, not "
                                   f"data.channels={channels}: leave data.channels unset or prepare it again")
@@ -372,7 +404,7 @@ class SAGANData(pl.LightningDataModule):
         self.save_hyperparameters()
         self.dataset, self.root, self.resolution, self.channels = dataset, root, resolution, channels
         self.batch_size, self.num_workers, self.download, self.hflip = batch_size, num_workers, download, hflip
-        self.bad_images, self.seed, self.in_memory = bad_images, seed, in_memory
+        self.bad_images, self.seed, self.in_memory, self.background = bad_images, seed, in_memory, rgb
         self._samples: list[tuple[Path, int]] = []
         if dataset == "folder":
             self._samples, self.classes = scan_image_folder(root)
@@ -409,7 +441,7 @@ class SAGANData(pl.LightningDataModule):
 
     def image_loader(self) -> ImageLoader:
         """The decoding / resizing of this data module's images (see :class:`ImageLoader`)."""
-        return ImageLoader(self.resolution, self.channels)
+        return ImageLoader(self.resolution, self.channels, self.background)
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -455,7 +487,7 @@ class SAGANData(pl.LightningDataModule):
 
         Digits: the pixel values. Folders: every file's relative path, size and modification time. CIFAR-10: the
         same for its batch files. Prepared sets: the manifest's fingerprint (of its source and how it was made).
-        Plus data set, split, resolution and channels.
+        Plus data set, split, resolution and channels, and ``background`` where it is not black.
         """
         h = hashlib.sha256(f"{self.dataset}|{split}|{self.resolution}|{self.channels}".encode())
         if self.dataset == "prepared":
@@ -469,6 +501,8 @@ class SAGANData(pl.LightningDataModule):
                 files = [p for p, _ in self._samples]
                 base = Path(self.root)
                 h.update(f"|loader{LOADER_VERSION}".encode())
+                if self.background != BLACK:  # black: the fingerprints (and reference caches) of before the switch
+                    h.update(f"|background{self.background}".encode())
             else:
                 base = Path(self.root) / "cifar-10-batches-py"
                 if not base.is_dir():

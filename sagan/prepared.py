@@ -6,7 +6,8 @@
 
 Layout of a prepared set (a folder):
 
-    manifest.json   format and version, count, resolution, channels, class names, the source and its
+    manifest.json   format and version, count, resolution, channels, class names, the colour transparent
+                    pixels were composited onto (background, RGB), the source and its
                     fingerprint, the files skipped as unreadable, the byte size of images.u8
     images.u8       every image as raw uint8, (N, C, R, R) C-order: image i starts at byte i * C * R * R
     labels.npy      (N,) int64 class indices (0 for unlabelled sets)
@@ -175,20 +176,23 @@ def prepare(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    background: str | None = None,
 ) -> dict[str, Any]:
     """Write the prepared set of ``source`` (an image folder, or ``cifar10`` with its ``root``) to ``out``.
 
     Images go through the image-folder path's own loader (:meth:`sagan.data.SAGANData.image_loader`: resize on
     the short side, centre crop, uint8), so the pixels equal what that path serves. Unreadable files stop the run
-    naming the file (``bad_images='stop'``) or are left out and listed in the manifest (``'skip'``)."""
-    from .data import SAGANData
+    naming the file (``bad_images='stop'``) or are left out and listed in the manifest (``'skip'``). Transparent
+    pixels are composited onto ``background`` (see ``SAGANData``; black by default), recorded in the manifest."""
+    from .data import SAGANData, parse_background
     from .progress import progress as progress_bar
 
+    parse_background(background, "--background")
     out = Path(out)
     if out.exists() and not overwrite:
         raise SaganError(f"{str(out)!r} already exists: choose another --out, or pass --overwrite to replace it")
     if source == "cifar10":
-        dm = SAGANData("cifar10", root=root, resolution=resolution, channels=channels)
+        dm = SAGANData("cifar10", root=root, resolution=resolution, channels=channels, background=background)
         ds = dm.build_dataset(split)
         keys: list[Any] = list(range(len(ds)))
         labels_all = [int(t) for t in ds.targets]  # type: ignore[attr-defined]
@@ -197,7 +201,7 @@ def prepare(
         loader: Callable[[Any], np.ndarray] = lambda i: ds[i][0].numpy()  # noqa: E731 - rows already in memory
         n_workers = 1
     else:
-        dm = SAGANData("folder", root=source, resolution=resolution, channels=channels)
+        dm = SAGANData("folder", root=source, resolution=resolution, channels=channels, background=background)
         keys = [p for p, _ in dm._samples]
         labels_all = [label for _, label in dm._samples]
         src = {"kind": "folder", "path": str(Path(source).resolve()), "fingerprint": dm.fingerprint("train")}
@@ -229,7 +233,8 @@ def prepare(
         count = len(labels)
         manifest = {
             "format": FORMAT, "version": VERSION, "count": count, "resolution": resolution, "channels": channels,
-            "classes": dm.classes, "layout": "uint8 (N, C, R, R)", "images_bytes": count * channels * resolution ** 2,
+            "classes": dm.classes, "background": list(dm.background), "layout": "uint8 (N, C, R, R)",
+            "images_bytes": count * channels * resolution ** 2,
             "source": src | {"images": len(keys)}, "skipped": skipped,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -258,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=3, help="1 (grayscale) or 3 (default)")
     p.add_argument("--bad-images", choices=("stop", "skip"), default="stop",
                    help="unreadable files: stop naming the file (default), or skip and list them in the manifest")
+    p.add_argument("--background", help="colour under transparent pixels: a name ('white'), '#rrggbb' or "
+                   "'rgb(r, g, b)' (default black); training on the set uses it")
     p.add_argument("--workers", type=int, help="decoding processes (default: the CPU count, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return p
@@ -267,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         t = time.perf_counter()
-        m = prepare(a.source, a.out, a.resolution, a.channels, a.bad_images, a.root, a.split, a.workers, a.overwrite)
+        m = prepare(a.source, a.out, a.resolution, a.channels, a.bad_images, a.root, a.split, a.workers, a.overwrite,
+                    background=a.background)
     except SaganError as e:
         print(f"sagan prepare: error: {e}", file=sys.stderr)
         return 2

@@ -114,6 +114,35 @@ def test_transparent_pixels_are_composited_onto_black(tmp_path):
     assert out[:, 20, 5].tolist() == [0, 0, 0] and out[:, 20, 30].tolist() == [200, 200, 200]
 
 
+def test_data_background_is_the_colour_under_transparent_pixels(tmp_path):
+    """data.background: sprites drawn on white train on white; any PIL colour; a bad one names itself; the
+    folder's fingerprint (reference caches) changes with it, and black is the unset default."""
+    a = np.zeros((32, 32, 4), np.uint8)
+    a[...] = (0, 255, 0, 0)  # invisible green
+    a[8:24, 8:24] = (255, 0, 0, 255)  # opaque red
+    a[:, 28:] = (0, 0, 255, 128)  # half-transparent blue
+    (tmp_path / "sprites").mkdir()
+    Image.fromarray(a).save(tmp_path / "sprites" / "s.png")
+    root = str(tmp_path / "sprites")
+
+    def pixels(background, channels=3):
+        dm = SAGANData("folder", root=root, resolution=32, channels=channels, background=background)
+        return dm.build_dataset()[0][0], dm.fingerprint()
+
+    white, fp_white = pixels("white")
+    assert white[:, 2, 2].tolist() == [255, 255, 255] and white[:, 16, 16].tolist() == [255, 0, 0]
+    assert white[:, 16, 30].tolist() == [127, 127, 255]  # half blue over white
+    grey, fp_grey = pixels("#808080")
+    assert grey[:, 2, 2].tolist() == [128, 128, 128] and grey[:, 16, 16].tolist() == [255, 0, 0]
+    assert pixels("rgb(0, 128, 0)")[0][:, 2, 2].tolist() == [0, 128, 0]
+    assert pixels("white", channels=1)[0][:, 2, 2].tolist() == [255]
+    black, fp_none = pixels(None)
+    assert black[:, 2, 2].tolist() == [0, 0, 0] and pixels("black")[1] == fp_none
+    assert len({fp_none, fp_white, fp_grey}) == 3
+    with pytest.raises(ConfigError, match=r"data.background 'whte' is not a colour: use a name"):
+        SAGANData("folder", root=root, resolution=32, background="whte")
+
+
 def test_exif_orientation_is_applied(tmp_path):
     """A photo stored sideways with an EXIF orientation tag is trained upright, as a viewer shows it."""
     shown = np.zeros((60, 80, 3), np.uint8)

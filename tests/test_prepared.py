@@ -41,6 +41,36 @@ def test_prepared_set_holds_exactly_the_folder_paths_pixels(class_folder, tmp_pa
     assert torch.equal(_images(in_memory)[0], xp)
 
 
+def test_prepared_set_keeps_the_background_it_was_made_with(tmp_path, capsys):
+    """`sagan prepare --background white` composites as the folder path does, records the colour, and training
+    on the set uses it; asking the set for another colour is one clear line."""
+    from sagan.errors import ConfigError
+    from sagan.prepared import main
+
+    a = np.zeros((32, 32, 4), np.uint8)
+    a[8:24, 8:24] = (255, 0, 0, 255)  # opaque red on transparent black
+    (tmp_path / "src").mkdir()
+    Image.fromarray(a).save(tmp_path / "src" / "s.png")
+    out = tmp_path / "prep"
+    assert main(["--source", str(tmp_path / "src"), "--out", str(out), "--resolution", "32", "--background",
+                 "white", "--workers", "1"]) == 0
+    assert read_manifest(out)["background"] == [255, 255, 255]
+    dm = SAGANData("prepared", root=str(out), resolution=32)
+    assert dm.background == (255, 255, 255)
+    x = dm.build_dataset()[0][0]
+    folder = SAGANData("folder", root=str(tmp_path / "src"), resolution=32, background="white").build_dataset()
+    assert torch.equal(x, folder[0][0]) and x[:, 2, 2].tolist() == [255, 255, 255]
+    assert SAGANData("prepared", root=str(out), resolution=32, background="#fff").background == (255, 255, 255)
+    with pytest.raises(ConfigError, match=r"made with transparent pixels on white, but data.background is 'black'"):
+        SAGANData("prepared", root=str(out), resolution=32, background="black")
+    capsys.readouterr()
+    assert main(["--source", str(tmp_path / "src"), "--out", str(tmp_path / "p2"), "--resolution", "32",
+                 "--background", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sagan prepare: error: --background 'nope' is not a colour") and err.count("\n") == 1
+    assert not (tmp_path / "p2").exists()
+
+
 class _Record(pl.Callback):
     """The batches as training_step receives them (decoded and flipped on the device)."""
 
