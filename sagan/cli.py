@@ -32,7 +32,7 @@ from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
 from .callbacks import (AttentionMaps, FastMath, FIDEvaluation, LoaderMonitor, RunSummary, SampleGrid,
                         WandbDashboard, wandb_loggers)
 from .data import SAGANData
-from .errors import ConfigError, SaganError, disk_full_message, is_disk_full
+from .errors import ConfigError, SaganError, SaganWarning, disk_full_message, is_disk_full
 from .module import SAGAN
 from .progress import LineProgress, interactive
 from .strategy import GANDDPStrategy
@@ -280,6 +280,7 @@ def main(args: list[str] | None = None) -> None:
     # bit for bit); Lightning's notice about pre-optimisation state (with a code sample) only confuses a user.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
     _quiet_third_party_notices()
+    _one_line_sagan_warnings()
     if argv[0] in ("evaluate", "generate", "prepare"):
         try:
             sys.exit(_subcommand_main(argv[0])(argv[1:]))
@@ -343,6 +344,25 @@ def _quiet_third_party_notices() -> None:
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, _DropAdvert) for f in rank_zero.filters):
         rank_zero.addFilter(_DropAdvert())
+
+
+def _one_line_sagan_warnings() -> None:
+    """Print sagan's own warnings (:class:`SaganWarning`) as ``sagan: warning: MESSAGE``. Python's default format
+    adds the file and line of the call, which for a setting checked in ``__init__`` points into Lightning's CLI code
+    that built the model, plus that line of code: noise to a user. Other packages' warnings keep their format;
+    tools that record warnings (pytest) never format them, so they see the same warnings as before."""
+    default = warnings.formatwarning
+    if getattr(default, "sagan", False):
+        return
+
+    def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+        if issubclass(category, SaganWarning):
+            return f"sagan: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    formatwarning.sagan = True  # type: ignore[attr-defined]
+    warnings.formatwarning = formatwarning
 
 
 def _finish_wandb(exit_code: int) -> None:

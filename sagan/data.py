@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchvision import transforms
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, SaganWarning
 from .models import check_resolution
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".tif", ".tiff", ".webp",
@@ -108,7 +108,7 @@ def _warn_unread(root: Path, unread: dict[str, int]) -> None:
         kinds = ", ".join(f"{n} {ext}" for ext, n in sorted(unread.items()))
         warnings.warn(f"image folder {str(root)!r}: {kinds} file(s) are not read (the folder path reads "
                       f"{', '.join(IMG_EXTENSIONS)}): convert them, e.g. to PNG or JPEG, to train on them",
-                      stacklevel=3)
+                      SaganWarning, stacklevel=3)
 
 
 def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -145,7 +145,7 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
                           f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) and {len(loose)} image(s) "
                           f"directly in it, which are not used: every subfolder is a class. Move the loose images "
                           f"into a class subfolder, or the subfolders out, for a flat (unconditional) set",
-                          stacklevel=2)
+                          SaganWarning, stacklevel=2)
         return samples, classes
     files = _images_among(root.iterdir(), unread)
     _warn_unread(root, unread)
@@ -265,7 +265,7 @@ class ImageFolderDataset(Dataset):
                     raise
                 self.skipped.add(path)
                 warnings.warn(f"skipping unreadable image {str(path)!r}; {len(self.skipped)} skipped so far",
-                              stacklevel=2)
+                              SaganWarning, stacklevel=2)
         raise DataError(f"no image of the folder could be read ({len(self.skipped)} unreadable files)")
 
 

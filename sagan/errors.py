@@ -22,6 +22,11 @@ class CheckpointError(SaganError):
     """A missing, corrupt or incompatible checkpoint."""
 
 
+class SaganWarning(UserWarning):
+    """Something the user may want to change (a setting that does nothing, files left out); the CLI prints it as
+    one line, ``sagan: warning: ...``, without the source location Python's default format adds."""
+
+
 def is_disk_full(e: BaseException) -> bool:
     """An ``OSError`` for a full disk or an exhausted quota."""
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from torch_fidelity import calculate_metrics
 
 from . import features
-from .errors import SaganError, write_failure_reason
+from .errors import SaganError, SaganWarning, write_failure_reason
 
 INCEPTION = "inception-v3-compat"
 WEIGHTS_ENV = "SAGAN_INCEPTION_WEIGHTS"
@@ -719,7 +719,8 @@ class Evaluator:
                         tmp.unlink(missing_ok=True)  # the cache only saves time: evaluate without it
                         why = write_failure_reason(e, path.parent)
                         warnings.warn(f"could not cache the reference statistics in {str(path.parent)!r}: {why}. "
-                                      "Evaluating without the cache; the next run computes them again", stacklevel=2)
+                                      "Evaluating without the cache; the next run computes them again",
+                                      SaganWarning, stacklevel=2)
                         break
         count = int(stats[layers[0]]["count"])
         sl = stats[self.spread_layer]

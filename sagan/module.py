@@ -30,7 +30,7 @@ from torchvision.utils import make_grid
 
 from .augment import DiffAugment
 from .checkpointing import DivergenceGuard, TrainingCounters, run_seed, seed_step
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, SaganWarning
 from .layers import refresh_spectral_norm
 from .losses import diversity_match_reg, get_losses, lecam_reg, mode_seeking_reg, same_class_distance
 from .models import Discriminator, Generator, attention_layers, conditioning_strength
@@ -258,7 +258,7 @@ class SAGAN(pl.LightningModule):
             why = ("the model is unconditional (model.conditional false)" if not conditional
                    else "the data has no classes (images directly in the folder)")
             warnings.warn(f"model.class_weight is ignored: {why}, so the model trains without the auxiliary "
-                          "classifier", stacklevel=2)
+                          "classifier", SaganWarning, stacklevel=2)
         if lecam_weight < 0 or not 0.0 <= lecam_decay < 1.0:
             raise ConfigError(f"model.lecam_weight must be >= 0 and model.lecam_decay in [0, 1), got "
                               f"{lecam_weight} and {lecam_decay}")

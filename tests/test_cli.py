@@ -252,13 +252,16 @@ def test_ddp_trainer_preset_stacks_on_an_experiment(capsys):
 def test_a_fit_prints_no_third_party_notices_a_user_cannot_act_on(tmp_path):
     """The demo's output, as a user sees it in a fresh process (W&B offline, the config's logger): none of the
     notices other packages print on every run (torch's LeafSpec deprecation met inside Lightning, Lightning's
-    logger advertisement, W&B's 'anonymous' notice), and still the run summary."""
+    logger advertisement, W&B's 'anonymous' notice), and still the run summary. sagan's own warning about a
+    setting (here: the auxiliary classifier of a model made unconditional) is one line, without the location in
+    Lightning's code that Python's format would print."""
     import os
     import subprocess
     import sys
 
     args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path), "--experiment", "q",
-            *TINY[:-2], "--trainer.max_steps", "2", "--data.batch_size", "8", "--samples.every_n_steps", "0"]
+            *TINY[:-2], "--trainer.max_steps", "2", "--data.batch_size", "8", "--samples.every_n_steps", "0",
+            "--model.conditional", "false"]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "default"}
     res = subprocess.run([sys.executable, "-m", "sagan.cli", *args], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
@@ -267,3 +270,7 @@ def test_a_fit_prints_no_third_party_notices_a_user_cannot_act_on(tmp_path):
     assert "checkpoint:" in out and "wandb" in out.lower()  # the run and its W&B lines are still there
     for notice in ("LeafSpec", "litlogger", "anonymous setting"):
         assert notice not in out, notice
+    ours = [ln for ln in out.splitlines() if "class_weight is ignored" in ln]
+    assert ours == ["sagan: warning: model.class_weight is ignored: the model is unconditional (model.conditional "
+                    "false), so the model trains without the auxiliary classifier"], out
+    assert "SaganWarning" not in out and "instantiate_module" not in out, out
