@@ -292,7 +292,7 @@ class FIDEvaluation(pl.Callback):
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics of the EMA generator; every rank takes part and gets the same values."""
-        from .metrics import spread_by_class
+        from .diversity import spread_by_class
 
         g = pl_module.ema_generator()
         res = self._evaluator.generator(g, self.num_samples, seed=self.seed)
@@ -324,7 +324,7 @@ class FIDEvaluation(pl.Callback):
         for k, v in metrics.items():
             trainer.callback_metrics[k] = torch.tensor(v)
         if trainer.is_global_zero:
-            from .metrics import least_varied
+            from .diversity import least_varied
 
             print(f"[iteration {step}] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items())
                   + (f"  least varied: {least_varied(self._per_class)}" if self._per_class else ""), flush=True)

@@ -100,7 +100,8 @@ def _table(rows: dict[str, dict[str, float]]) -> str:
 
 def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     from .features import DIGITS_FEATURE_EXTRACTOR
-    from .metrics import Evaluator, dist_info, least_varied, spread_by_class
+    from .diversity import least_varied, spread_by_class
+    from .metrics import Evaluator, dist_info
     from .sampling import class_names, generator_from_checkpoint, load_checkpoint
 
     if a.num_samples < 1:

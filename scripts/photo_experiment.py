@@ -35,7 +35,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sagan.metrics import bin_counts, fit_bins, ndb_jsd, to_uint8  # noqa: E402
+from sagan.diversity import bin_counts, fit_bins, ndb_jsd  # noqa: E402
+from sagan.metrics import to_uint8  # noqa: E402
 from sagan.sampling import generator_from_checkpoint  # noqa: E402
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch_fidelity import calculate_metrics
 
+from sagan import diversity as Dv
 from sagan import metrics as M
 from sagan.data import SAGANData
 from sagan.models import Generator
@@ -221,7 +222,7 @@ def test_spread_and_recall_see_a_generator_that_draws_one_image_per_class():
 def test_class_spread_is_mean_pairwise_distance_per_class():
     f = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0], [9.0, 9.0]])
     labels = torch.tensor([0, 0, 1, 1, 2])
-    s = M.class_spread(f, labels, 4)
+    s = Dv.class_spread(f, labels, 4)
     assert s[0] == pytest.approx(5.0) and s[1] == 0.0
     assert torch.isnan(s[2]) and torch.isnan(s[3])  # fewer than two samples
 
@@ -229,15 +230,15 @@ def test_class_spread_is_mean_pairwise_distance_per_class():
 def test_ndb_and_jsd_of_bin_histograms():
     """Richardson & Weiss's pooled two-proportion test per bin, and the Jensen-Shannon divergence in nats."""
     same = torch.tensor([40, 30, 20, 10])
-    assert M.ndb_jsd(same, same * 3) == (0.0, pytest.approx(0.0, abs=1e-12))  # same proportions, other count
-    ndb, jsd = M.ndb_jsd(torch.tensor([10, 10, 0, 0]), torch.tensor([0, 0, 10, 10]))
+    assert Dv.ndb_jsd(same, same * 3) == (0.0, pytest.approx(0.0, abs=1e-12))  # same proportions, other count
+    ndb, jsd = Dv.ndb_jsd(torch.tensor([10, 10, 0, 0]), torch.tensor([0, 0, 10, 10]))
     assert ndb == 1.0 and jsd == pytest.approx(np.log(2))  # disjoint: every bin differs, JSD is ln 2
     # 50/50 real vs 30/70 generated, 100 each: pooled 0.4, se = sqrt(0.4 * 0.6 * 0.02) = 0.0693, z = 2.89 > 1.96
-    assert M.ndb_jsd(torch.tensor([50, 50]), torch.tensor([30, 70]))[0] == 1.0
-    assert M.ndb_jsd(torch.tensor([50, 50]), torch.tensor([45, 55]))[0] == 0.0  # z = 0.71: within chance
-    assert M.ndb_jsd(torch.tensor([50, 50]), torch.tensor([37, 63]))[0] == 0.0  # z = 1.85: two-sided, not 1.64
+    assert Dv.ndb_jsd(torch.tensor([50, 50]), torch.tensor([30, 70]))[0] == 1.0
+    assert Dv.ndb_jsd(torch.tensor([50, 50]), torch.tensor([45, 55]))[0] == 0.0  # z = 0.71: within chance
+    assert Dv.ndb_jsd(torch.tensor([50, 50]), torch.tensor([37, 63]))[0] == 0.0  # z = 1.85: two-sided, not 1.64
     # one of four bins emptied, the rest as the real shares: only that bin and the one that took its samples
-    ndb, _ = M.ndb_jsd(torch.tensor([250, 250, 250, 250]), torch.tensor([250, 250, 500, 0]))
+    ndb, _ = Dv.ndb_jsd(torch.tensor([250, 250, 250, 250]), torch.tensor([250, 250, 500, 0]))
     assert ndb == 0.5
 
 
@@ -248,7 +249,7 @@ def test_bins_see_a_generator_that_drops_whole_kinds():
     train, test = ds.build_dataset("train"), ds.build_dataset("test")
     ev = _evaluator("fid,prc")
     ev.load_reference(train)  # no labels: the unconditional reference
-    assert ev.reference.bins is not None and len(ev.reference.bins) == M.NDB_BINS
+    assert ev.reference.bins is not None and len(ev.reference.bins) == Dv.NDB_BINS
     assert int(ev.reference.bin_counts.sum()) == len(train)
     real = ev.images(test)
     x = torch.stack([test[i][0] for i in range(len(test))])
@@ -258,7 +259,7 @@ def test_bins_see_a_generator_that_drops_whole_kinds():
     gone = ev.images(Labelled(dropped, torch.zeros(len(x), dtype=torch.long))).values
     assert real.values["ndb"] <= 0.15 and real.values["jsd"] < 0.02
     assert gone["ndb"] >= 0.25 and gone["jsd"] > 3 * real.values["jsd"]
-    assert real.protocol["ndb_bins"] == M.NDB_BINS and real.protocol["ndb_alpha"] == M.NDB_ALPHA
+    assert real.protocol["ndb_bins"] == Dv.NDB_BINS and real.protocol["ndb_alpha"] == Dv.NDB_ALPHA
 
 
 def test_reference_too_small_for_bins_scores_without_them():
@@ -416,7 +417,8 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
             assert dist_v[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
 
 
-CAPS = dict(REFERENCE_FEATURES_MAX=150, NDB_FIT_MAX=300, SPREAD_MAX_TOTAL=400)  # 40 per class: 850 of 1,437 rows
+CAPS = [(M, "REFERENCE_FEATURES_MAX", 150), (Dv, "NDB_FIT_MAX", 300), (Dv, "SPREAD_MAX_TOTAL", 400)]  # 40 per class:
+# 850 of 1,437 rows
 
 
 def _capped_reference_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -424,8 +426,9 @@ def _capped_reference_worker(rank: int, world: int, port: int, out: str) -> None
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    for k, v in CAPS.items():
-        setattr(M, k, v)
+    for module, k, v in CAPS:
+        assert hasattr(module, k)
+        setattr(module, k, v)
     gathered = [0]
     real_gather = M.gather_rows
 
@@ -458,14 +461,14 @@ def test_distributed_reference_gathers_only_the_rows_it_keeps(tmp_path, monkeypa
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_capped_reference_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    for k, v in CAPS.items():
-        monkeypatch.setattr(M, k, v)
+    for module, k, v in CAPS:
+        monkeypatch.setattr(module, k, v)
     ev = _evaluator("fid,prc")
     ev.load_reference(SAGANData("digits", resolution=32).build_dataset("train"), num_classes=10)
     one = ev.reference
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert 0 < r0["gathered"] <= 850 < 1437  # never every image's features
-    assert M.spread_per_class(10) == 40 and M.spread_per_class(1000) == 2 and M.spread_per_class(3) == 133
+    assert Dv.spread_per_class(10) == 40 and Dv.spread_per_class(1000) == 2 and Dv.spread_per_class(3) == 133
     for r in (r0, r1):
         torch.testing.assert_close(r["stats"]["mu"], one.stats["64"]["mu"], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(r["stats"]["sigma"], one.stats["64"]["sigma"], rtol=1e-5, atol=1e-6)
@@ -480,8 +483,8 @@ def test_reference_is_streamed_holding_only_the_rows_it_reads(monkeypatch):
     """One pass over the reference: its moments equal those of all its features at once (FID uses every image),
     while the process never holds more than the rows that the spread, the bins' fit and KID / precision-recall
     read, however large the set; the bins count the KID / precision-recall subset."""
-    for k, v in CAPS.items():
-        monkeypatch.setattr(M, k, v)
+    for module, k, v in CAPS:
+        monkeypatch.setattr(module, k, v)
     held: list[int] = []
     real_add = M.ReferenceStream.add
 
@@ -501,10 +504,10 @@ def test_reference_is_streamed_holding_only_the_rows_it_reads(monkeypatch):
     torch.testing.assert_close(ref.stats["64"]["sigma"], sigma, rtol=1e-10, atol=1e-12)
     subset = f[M.reference_subset_indices(1437)]  # (150, 64)
     assert torch.equal(ref.stats["64"]["features"], subset)
-    assert torch.equal(ref.bin_counts, M.bin_counts(subset, ref.bins)) and int(ref.bin_counts.sum()) == 150
-    first = M.spread_indices(labels, 10)  # the first 40 of each class
+    assert torch.equal(ref.bin_counts, Dv.bin_counts(subset, ref.bins)) and int(ref.bin_counts.sum()) == 150
+    first = Dv.spread_indices(labels, 10)  # the first 40 of each class
     assert len(first) == 400
-    torch.testing.assert_close(ref.spread, M.class_spread(f[first], labels[first], 10))
+    torch.testing.assert_close(ref.spread, Dv.class_spread(f[first], labels[first], 10))
 
 
 def test_missing_or_foreign_weights_file_is_a_clear_error(tmp_path):
