@@ -1,6 +1,7 @@
 """Checkpoints that survive preemption: atomic writes, safe loads, a save on SIGTERM / SIGUSR1.
 
-* :class:`AtomicCheckpointIO` writes ``path.tmp-<pid>``, fsyncs it and renames it over ``path``, so a process killed
+* :class:`AtomicCheckpointIO` writes ``path.tmp-<pid>``, fsyncs it and renames it over ``path``
+  (:func:`sagan.files.atomic_file`), so a process killed
   mid-write (SIGKILL, a node failure) leaves the previous checkpoint intact; a full disk ends in one clear error with
   the previous checkpoint untouched. It loads with ``torch.load(weights_only=True)``: no pickled code runs.
 * :class:`Checkpoint` is Lightning's ``ModelCheckpoint`` that never saves the state of a diverged run, and moves
@@ -42,6 +43,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
 from .errors import CheckpointError, SaganError, is_disk_full, write_failure_reason
+from .files import atomic_file
 
 
 class DivergenceError(SaganError):
@@ -57,19 +59,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CheckpointError(f"cannot create checkpoint folder {str(path.parent)!r}: {e.strerror}") from None
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_file(path, fsync=True) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except (OSError, RuntimeError) as e:
             # torch's zip writer reports a failed write (a full disk, a quota, a file-size limit) as a RuntimeError
             # ("unexpected pos ...", "PytorchStreamWriter failed writing file ..."), without the errno
             failed_write = isinstance(e, OSError) or any(m in str(e) for m in _TORCH_WRITE_ERRORS)
             what = write_failure_reason(e, path.parent) if failed_write else ""
-            tmp.unlink(missing_ok=True)
             if not failed_write:
                 raise
             raise CheckpointError(

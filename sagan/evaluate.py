@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from .errors import SaganError, disk_full_exit, write_failure_reason
+from .files import atomic_file
 from .metrics import (INCEPTION, MetricsError, compute_metrics, count_images, parse_metrics,
                       resolve_feature_extractor)
 
@@ -252,15 +253,10 @@ def _write_json(out: dict, path: Path, asked: bool) -> int:
     """Write the result atomically (no truncated file on a full disk). Where the default place beside the
     checkpoint cannot be written (a read-only or shared run folder, a full disk), the printed table is the result
     and the exit status stays 0; a ``--json`` path that cannot be written is an error."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            f.write((json.dumps(out, indent=2, default=str) + "\n").encode())
     except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
         why = write_failure_reason(e, path.parent)
         if asked:
             print(f"sagan evaluate: error: could not write {str(path)!r}: {why}; the numbers above are the result",

@@ -40,6 +40,7 @@ from . import features
 from .diversity import (NDB_ALPHA, bin_counts, class_spread, fit_bins, ndb_fit_indices, ndb_jsd, spread_indices,
                         spread_per_class)
 from .errors import SaganError, SaganWarning, write_failure_reason
+from .files import atomic_file
 
 INCEPTION = "inception-v3-compat"
 WEIGHTS_ENV = "SAGAN_INCEPTION_WEIGHTS"
@@ -610,13 +611,12 @@ class Evaluator:
             if cache_name and dist_info()[0] == 0:
                 for layer, entry in stats.items():
                     path = self._cache_path(cache_root, cache_name, layer)
-                    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
                     try:
                         path.parent.mkdir(parents=True, exist_ok=True)
-                        torch.save(entry, tmp)
-                        os.replace(tmp, path)
+                        with atomic_file(path) as f:
+                            torch.save(entry, f)
                     except (OSError, RuntimeError) as e:  # torch's writer drops the errno: RuntimeError
-                        tmp.unlink(missing_ok=True)  # the cache only saves time: evaluate without it
+                        # the cache only saves time: evaluate without it
                         why = write_failure_reason(e, path.parent)
                         warnings.warn(f"could not cache the reference statistics in {str(path.parent)!r}: {why}. "
                                       "Evaluating without the cache; the next run computes them again",

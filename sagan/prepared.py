@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .errors import DataError, SaganError, disk_full_exit
+from .files import tmp_path
 
 FORMAT = "sagan-prepared"
 VERSION = 1
@@ -207,7 +208,7 @@ def prepare(
         src = {"kind": "folder", "path": str(Path(source).resolve()), "fingerprint": dm.fingerprint("train")}
         loader = dm.image_loader()
         n_workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    tmp = tmp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -295,3 +295,21 @@ def test_disk_full_while_writing_a_sample_grid_names_the_file(tmp_path, monkeypa
     assert run_cli(args) == 2
     err = capsys.readouterr().err
     assert "step_000002.png" in err and "disk is full" in err and "Traceback" not in err, err
+
+
+def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
+    """sagan.files.atomic_file, which checkpoints, the evaluation JSON and the reference cache go through: a write
+    that fails midway (here: an exception after half the bytes) leaves the previous file as it was and no
+    temporary file; one that completes replaces it."""
+    from sagan.files import atomic_file
+
+    path = tmp_path / "result.json"
+    path.write_bytes(b"previous")
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_file(path, fsync=True) as f:
+            f.write(b"half of the ")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert path.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    with atomic_file(path) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
