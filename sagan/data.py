@@ -164,8 +164,9 @@ class ImageLoader:
     exactly the folder path's pixels. Unreadable or truncated files raise :class:`DataError` naming the file.
     Before the conversion (:func:`to_8bit`): the EXIF orientation is applied (a camera's portrait photo is
     trained upright, as viewers show it), 16-bit and float images are scaled to 8 bits instead of clipped, and
-    transparent pixels are composited onto ``background`` (an RGB colour; black by default). Large JPEGs decode at a reduced scale (PIL's ``draft``: the
-    DCT's 1/2, 1/4 or 1/8, never below twice ``resolution`` on either side) before the antialiased resize
+    transparent pixels are composited onto ``background`` (an RGB colour; black by default). Large JPEGs decode at
+    a reduced scale (PIL's ``draft``: the DCT's 1/2, 1/4 or 1/8, never below twice ``resolution`` on either side)
+    before the antialiased resize
     (12-megapixel JPEGs at 32-128: 8.5x faster, PSNR at least 52 dB against the full decode; BENCHMARKS.md).
     """
 
@@ -174,7 +175,8 @@ class ImageLoader:
         self.transform = transforms.Compose([transforms.Resize(resolution), transforms.CenterCrop(resolution)])
 
     def pil(self, img: Image.Image) -> np.ndarray:
-        arr = np.array(self.transform(to_8bit(img, self.background).convert(self.mode)), dtype=np.uint8)  # (R, R, C) or (R, R)
+        img = to_8bit(img, self.background).convert(self.mode)
+        arr = np.array(self.transform(img), dtype=np.uint8)  # (R, R, C) or (R, R)
         return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, R, R)
 
     def __call__(self, path: str | os.PathLike) -> np.ndarray:
