@@ -93,6 +93,14 @@ def _save(img: torch.Tensor, path: Path) -> None:
 def run(a: argparse.Namespace) -> str:
     if a.batch_size < 1:
         raise SaganError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.interpolate_classes and not a.interpolate:
+        ca, cb = a.interpolate_classes
+        raise SaganError(f"--interpolate-classes changes the strip of --interpolate SEED_A SEED_B, which is missing: "
+                         f"add it (the same seed twice, e.g. --interpolate 0 0 --interpolate-classes {ca} {cb}, "
+                         "keeps the latent fixed and moves only the class)")
+    if a.no_images and not (a.grid or a.interpolate or a.attention_maps):
+        raise SaganError("--no-images leaves nothing to write: add --grid, --interpolate SEED_A SEED_B or "
+                         "--attention-maps, or drop --no-images")
     try:
         seeds = parse_seeds(a.seeds) if a.seeds else list(range(a.num if a.num is not None else 64))
     except ValueError as e:

@@ -158,6 +158,23 @@ def test_interpolation_endpoints_equal_the_seed_images(ckpts, tmp_path):
     assert not np.array_equal(_panel(strip, 2), _panel(strip, 3))  # it moves in between
 
 
+def test_flags_that_would_write_nothing_are_one_clear_error(ckpts, tmp_path, capsys):
+    """--interpolate-classes without the --interpolate strip it modifies, and --no-images with nothing else to
+    write, used to end with status 0 and no strip (or no file at all): now one line naming the fix."""
+    out = tmp_path / "n"
+    capsys.readouterr()
+    assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out), "--interpolate-classes", "3",
+                          "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--interpolate SEED_A SEED_B, which is missing" in err and "--interpolate 0 0" in err
+    assert err.count("\n") == 1 and not out.exists()
+    assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out), "--no-images"]) == 2
+    assert "--no-images leaves nothing to write" in capsys.readouterr().err and not out.exists()
+    assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out), "--interpolate", "0", "0",
+                          "--interpolate-classes", "3", "8", "--no-images"]) == 0
+    assert [p.name for p in out.iterdir()] == ["interp_000000_000000.png"]
+
+
 def test_soft_class_weights_equal_hard_labels_at_one_hot(ckpts):
     g = generator_from_checkpoint(ckpts["cond"])
     z = latents_for_seeds([0, 1, 2], g.z_dim)
