@@ -103,6 +103,9 @@ class AttentionMaps(_FreshFolder):
     def __init__(self, dirpath: str | None = None, every_n_steps: int = 0, num_images: int = 2,
                  query_points: int = 4) -> None:
         super().__init__()
+        from .visualize import check_query_points
+
+        check_query_points(query_points, "attention_maps.query_points")
         self.dirpath, self.every_n_steps, self.num_images, self.query_points = dirpath, every_n_steps, num_images, query_points
         self._last_step = -1
 

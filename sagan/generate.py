@@ -27,7 +27,7 @@ from .models import Generator
 from .progress import track
 from .sampling import (class_names, generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds,
                        load_checkpoint, parse_class, parse_seeds, resolve_device, slerp)
-from .visualize import attention_figure, default_query_points
+from .visualize import attention_figure, check_query_points, default_query_points
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +98,10 @@ def run(a: argparse.Namespace) -> str:
         raise SaganError(f"--interpolate-classes changes the strip of --interpolate SEED_A SEED_B, which is missing: "
                          f"add it (the same seed twice, e.g. --interpolate 0 0 --interpolate-classes {ca} {cb}, "
                          "keeps the latent fixed and moves only the class)")
+    if a.attention_maps:
+        check_query_points(a.query_points, "--query-points")
+    if a.per_class and a.class_label is not None:
+        raise SaganError("--per-class draws every class and --class-label one: choose one of them")
     if a.no_images and not (a.grid or a.interpolate or a.attention_maps):
         raise SaganError("--no-images leaves nothing to write: add --grid, --interpolate SEED_A SEED_B or "
                          "--attention-maps, or drop --no-images")

@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .errors import ConfigError
+
+MAX_QUERY_POINTS = 64  # one panel each: more is a figure nobody reads (and 10^5 of them a run that never ends)
 QUERY_COLOURS = [(255, 64, 64), (64, 200, 255), (120, 255, 80), (255, 210, 0), (230, 90, 255), (255, 140, 0)]
+
+
+def check_query_points(n: int, what: str) -> None:
+    """Query points per attention figure must be 1..:data:`MAX_QUERY_POINTS`; ``what`` names the setting."""
+    if not 1 <= n <= MAX_QUERY_POINTS:
+        raise ConfigError(f"{what} must be between 1 and {MAX_QUERY_POINTS} (one panel of the figure each), got {n}")
 
 
 def default_query_points(n: int) -> list[tuple[float, float]]:

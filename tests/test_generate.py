@@ -158,9 +158,11 @@ def test_interpolation_endpoints_equal_the_seed_images(ckpts, tmp_path):
     assert not np.array_equal(_panel(strip, 2), _panel(strip, 3))  # it moves in between
 
 
-def test_flags_that_would_write_nothing_are_one_clear_error(ckpts, tmp_path, capsys):
+def test_flags_that_would_write_nothing_or_conflict_are_one_clear_error(ckpts, tmp_path, capsys):
     """--interpolate-classes without the --interpolate strip it modifies, and --no-images with nothing else to
-    write, used to end with status 0 and no strip (or no file at all): now one line naming the fix."""
+    write, used to end with status 0 and no strip (or no file at all); --class-label was silently dropped beside
+    --per-class; --query-points 100000 ran for minutes on a figure of 10^5 panels. Now each is one line naming the
+    fix, before anything is written."""
     out = tmp_path / "n"
     capsys.readouterr()
     assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out), "--interpolate-classes", "3",
@@ -173,6 +175,18 @@ def test_flags_that_would_write_nothing_are_one_clear_error(ckpts, tmp_path, cap
     assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(out), "--interpolate", "0", "0",
                           "--interpolate-classes", "3", "8", "--no-images"]) == 0
     assert [p.name for p in out.iterdir()] == ["interp_000000_000000.png"]
+    bad = tmp_path / "bad"
+    for flags, says in ((["--per-class", "--class-label", "3"], "--per-class draws every class and --class-label one"),
+                        (["--attention-maps", "--query-points", "0"], "--query-points must be between 1 and 64"),
+                        (["--attention-maps", "--query-points", "100000"], "between 1 and 64 (one panel")):
+        assert generate_main(["--ckpt", str(ckpts["cond"]), "--outdir", str(bad), *flags]) == 2, flags
+        assert says in capsys.readouterr().err and not bad.exists()
+    from sagan.callbacks import AttentionMaps
+    from sagan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention_maps.query_points must be between 1 and 64"):
+        AttentionMaps(query_points=65)
+    assert AttentionMaps(query_points=64).query_points == 64
 
 
 def test_soft_class_weights_equal_hard_labels_at_one_hot(ckpts):
