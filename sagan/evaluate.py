@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     started = False
     try:
         parse_metrics(a.metrics)
+        if a.batch_size < 1:
+            raise MetricsError(f"--batch-size must be >= 1, got {a.batch_size}")
+        if a.num_workers < 0:
+            raise MetricsError(f"--num-workers must be >= 0 (0 = load in this process), got {a.num_workers}")
         if a.ckpt:
             started = _init_distributed()
         out = evaluate_checkpoint(a) if a.ckpt else evaluate_folders(a)

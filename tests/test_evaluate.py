@@ -187,6 +187,10 @@ def test_evaluate_bad_inputs_one_clear_message_each(digits_run, capsys, tmp_path
         "weights-inception-2015-12-05": ["--ckpt", str(ckpt), "--feature-extractor", "inception-v3-compat",
                                          "--weights", str(tmp_path / "nope.pth")],
         "is not a device": ["--ckpt", str(ckpt), "--device", "gpu0"],
+        "--batch-size must be >= 1": ["--ckpt", str(ckpt), "--batch-size", "0"],
+        "--num-workers must be >= 0": ["--ckpt", str(ckpt), "--num-workers", "-1"],
+        "feature layer '99' is not one that digits-mlp provides: choose one of 64, logits_unbiased": [
+            "--ckpt", str(ckpt), "--fid-layer", "99", "--cache-root", str(cache)],
         **({} if torch.cuda.is_available() else {"CUDA is not available on this machine": ["--ckpt", str(ckpt),
                                                                                            "--device", "cuda"]}),
         # a mistyped folder is named first, before the (here missing) Inception weights are looked for
