@@ -166,6 +166,31 @@ def _map(keys: list[Any], loader: Callable[[Any], np.ndarray], workers: int) -> 
         yield from pool.imap(_load, enumerate(keys), chunksize=32)
 
 
+def _check_arguments(source: str, resolution: int, channels: int, root: str | None, split: str,
+                     workers: int | None) -> None:
+    """One error naming the flag for arguments that would fail deep inside, or be ignored without a word."""
+    from .models import SUPPORTED_RESOLUTIONS
+
+    if resolution not in SUPPORTED_RESOLUTIONS:
+        raise SaganError(f"--resolution {resolution} is not supported: the models are built for "
+                         f"{', '.join(map(str, SUPPORTED_RESOLUTIONS))}")
+    if channels not in (1, 3):
+        raise SaganError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    if workers is not None and workers < 0:
+        raise SaganError(f"--workers must be >= 0 (0 or 1: decode in this process), got {workers}")
+    if source == "cifar10":
+        if not root:
+            raise SaganError("--source cifar10 needs --root, the folder that holds cifar-10-batches-py")
+        if split not in ("train", "test"):
+            raise SaganError(f"--split must be train or test for CIFAR-10, got {split!r}")
+        if not (Path(root) / "cifar-10-batches-py").is_dir():
+            raise SaganError(f"CIFAR-10 not found under --root {root!r}: put the extracted 'cifar-10-batches-py' "
+                             "folder there (sagan prepare does not download; `sagan fit ... --data.download true` does)")
+    elif root is not None or split != "train":
+        raise SaganError("--root and --split are for --source cifar10; an image folder is read whole from --source "
+                         "(one subfolder per class, or flat): drop them")
+
+
 def prepare(
     source: str,
     out: str | os.PathLike,
@@ -189,6 +214,7 @@ def prepare(
     from .progress import progress as progress_bar
 
     parse_background(background, "--background")
+    _check_arguments(source, resolution, channels, root, split, workers)
     out = Path(out)
     if out.exists() and not overwrite:
         raise SaganError(f"{str(out)!r} already exists: choose another --out, or pass --overwrite to replace it")

@@ -129,6 +129,33 @@ def test_bad_source_images_stop_or_are_skipped_at_prepare_time(tmp_path, capsys)
     assert "already exists" in capsys.readouterr().err
 
 
+def test_prepare_arguments_are_checked_by_their_flag_names(tmp_path, capsys):
+    """Mistakes in `sagan prepare`'s own flags are one line naming the flag, before anything is written: not the
+    training config's names (data.resolution, data.root), and no flag silently ignored (--root / --split with an
+    image folder, a negative --workers)."""
+    src = tmp_path / "imgs"
+    write_images(src, 4, size=32)
+    out = tmp_path / "prep"
+    base = ["prepare", "--source", str(src), "--out", str(out)]
+    cases = {
+        "--resolution 48 is not supported": ["--resolution", "48"],
+        "--channels must be 1 (grayscale) or 3 (RGB), got 2": ["--resolution", "32", "--channels", "2"],
+        "--workers must be >= 0": ["--resolution", "32", "--workers", "-2"],
+        "--root and --split are for --source cifar10": ["--resolution", "32", "--split", "test"],
+        "--root and --split are for --source cifar10;": ["--resolution", "32", "--root", str(tmp_path)],
+    }
+    cifar = ["prepare", "--source", "cifar10", "--out", str(out), "--resolution", "32"]
+    for says, args in [*((k, base + v) for k, v in cases.items()),
+                       ("--source cifar10 needs --root", cifar),
+                       ("--split must be train or test for CIFAR-10", cifar + ["--root", str(tmp_path), "--split", "val"]),
+                       (f"CIFAR-10 not found under --root {str(tmp_path)!r}", cifar + ["--root", str(tmp_path)])]:
+        assert run_cli(args) == 2, says
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and "data." not in err.replace("--data.download", ""), err
+        assert not out.exists()
+    assert run_cli(base + ["--resolution", "32", "--workers", "0"]) == 0 and read_manifest(out)["count"] == 4
+
+
 def test_truncated_or_foreign_prepared_set_is_one_clear_error(class_folder, tmp_path, capsys):
     out = tmp_path / "prep"
     prepare(str(class_folder), out, resolution=32, progress=False)
