@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Timer
 from torchvision.utils import save_image
 
 from .checkpointing import naming_the_file, set_aside_previous_run
-from .errors import SaganError
+from .errors import ConfigError, SaganError
 
 
 class _FreshFolder(pl.Callback):
@@ -106,6 +106,8 @@ class AttentionMaps(_FreshFolder):
         from .visualize import check_query_points
 
         check_query_points(query_points, "attention_maps.query_points")
+        if num_images < 1:
+            raise ConfigError(f"attention_maps.num_images must be >= 1 (images per figure), got {num_images}")
         self.dirpath, self.every_n_steps, self.num_images, self.query_points = dirpath, every_n_steps, num_images, query_points
         self._last_step = -1
 
@@ -248,6 +250,16 @@ class FIDEvaluation(pl.Callback):
         dirpath: str | None = None,
     ) -> None:
         super().__init__()
+        if every_n_steps > 0:  # checked now, not at the first evaluation, which may be hours into the run
+            from .metrics import MetricsError, parse_metrics
+
+            try:
+                parse_metrics(metrics)
+            except MetricsError as e:
+                raise ConfigError(f"fid.metrics: {e}") from None
+            if num_samples < 1 or batch_size < 1:
+                raise ConfigError(f"fid.num_samples and fid.batch_size must be >= 1, got {num_samples} and "
+                                  f"{batch_size}")
         self.every_n_steps, self.num_samples, self.metrics = every_n_steps, num_samples, list(metrics)
         self.feature_extractor, self.weights_path, self.fid_layer = feature_extractor, weights_path, fid_layer
         self.ref_split, self.cache_root, self.batch_size, self.seed = ref_split, cache_root, batch_size, seed

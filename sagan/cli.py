@@ -300,6 +300,10 @@ def main(args: list[str] | None = None) -> None:
         _finish_wandb(exit_code=2)
         print(f"sagan: error: {_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except MisconfigurationException as e:  # Lightning's own checks of its classes' settings (checkpoint, trainer)
+        _finish_wandb(exit_code=2)
+        print(f"sagan: error: {e} (sagan fit --help lists the options)", file=sys.stderr)
+        sys.exit(2)
     except OSError as e:
         if not is_disk_full(e):
             _finish_wandb(exit_code=1)

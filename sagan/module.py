@@ -239,6 +239,12 @@ class SAGAN(pl.LightningModule):
             raise ConfigError(f"model.n_dis must be >= 1, got {n_dis}")
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay must be in [0, 1), got {ema_decay}")
+        for name, lr, betas in (("g", lr_g, betas_g), ("d", lr_d, betas_d)):
+            if not lr > 0:
+                raise ConfigError(f"model.lr_{name} must be > 0, got {lr}")
+            if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+                raise ConfigError(f"model.betas_{name} must be two numbers in [0, 1) (Adam's beta1, beta2), got "
+                                  f"{list(betas)}")
         if cond_ramp is not None and not (len(cond_ramp) == 2 and 0 <= cond_ramp[0] <= cond_ramp[1]):
             raise ConfigError(f"model.cond_ramp must be [start, end] iterations with 0 <= start <= end, got {cond_ramp}")
         if mbstd_group < 0:

@@ -140,6 +140,24 @@ def test_gpu_preset_on_a_machine_without_gpu_is_one_clear_error(tmp_path, capsys
     assert err.startswith("sagan: error: the trainer settings do not fit this machine") and "no CUDA GPU here" in err
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--model.lr_g", "-1"], "model.lr_g must be > 0, got -1.0"),
+    (["--model.betas_d", "[0.5, 1.0]"], "model.betas_d must be two numbers in [0, 1)"),
+    (["--fid.every_n_steps", "5", "--fid.num_samples", "0"], "fid.num_samples and fid.batch_size must be >= 1"),
+    (["--fid.every_n_steps", "5", "--fid.metrics", "[fid, foo]"], "fid.metrics: unknown metric(s) ['foo']"),
+    (["--attention_maps.every_n_steps", "1", "--attention_maps.num_images", "0"], "attention_maps.num_images must"),
+    (["--checkpoint.every_n_train_steps", "-5"], "every_n_train_steps=-5. Must be >= 0 (sagan fit --help"),
+])
+def test_settings_that_would_fail_mid_run_are_refused_before_it(tmp_path, capsys, flags, says):
+    """Values that used to pass and then fail with a traceback in the first optimizer step, evaluation or
+    attention map (possibly hours into a run), or in Lightning's checkpoint callback: one line before training."""
+    code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
+                    "--trainer.logger", "false", "--trainer.max_steps", "4", "--fid.every_n_steps", "0", *flags])
+    assert code == 2
+    _one_line_error(capsys, says)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_unsupported_resolution_is_one_clear_error(tmp_path, capsys):
     code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
                     "--data.resolution", "48"])
