@@ -373,6 +373,14 @@ class SAGANData(pl.LightningDataModule):
         check_resolution(resolution)
         if dataset in ("cifar10", "folder", "prepared") and not root:
             raise ConfigError(f"data.root is required for dataset {dataset!r}: the folder that holds the images")
+        if dataset == "digits" and root:  # e.g. configs/digits.yaml with --data.root: it would train on the digits
+            raise ConfigError(f"data.root is {root!r} but data.dataset is 'digits', the built-in set, which reads no "
+                              "folder: add --data.dataset folder to train on it (or prepared, cifar10), or drop "
+                              "data.root")
+        for setting, on, applies_to in (("in_memory", in_memory, "prepared"), ("download", download, "cifar10")):
+            if on and dataset != applies_to:
+                warnings.warn(f"data.{setting} is ignored: it applies to data.dataset {applies_to!r}, and this one is "
+                              f"{dataset!r}", SaganWarning, stacklevel=2)
         self.manifest: dict[str, Any] | None = None
         if dataset == "prepared":
             from .prepared import read_manifest

@@ -143,6 +143,24 @@ def test_data_background_is_the_colour_under_transparent_pixels(tmp_path):
         SAGANData("folder", root=root, resolution=32, background="whte")
 
 
+def test_settings_the_chosen_data_set_does_not_read_are_refused_or_named(tmp_path):
+    """configs/digits.yaml with --data.root but no --data.dataset folder trained on the digits, silently: now an
+    error naming the fix. Settings that only another kind of set reads are a warning naming them."""
+    from sagan.errors import SaganWarning
+
+    write_images(tmp_path / "imgs", 4, size=32)
+    with pytest.raises(ConfigError, match=r"data.root is '.*imgs' but data.dataset is 'digits'.*--data.dataset folder"):
+        SAGANData("digits", root=str(tmp_path / "imgs"))
+    with pytest.warns(SaganWarning, match="data.in_memory is ignored: it applies to data.dataset 'prepared'"):
+        SAGANData("folder", root=str(tmp_path / "imgs"), in_memory=True)
+    with pytest.warns(SaganWarning, match="data.download is ignored: it applies to data.dataset 'cifar10'"):
+        SAGANData("digits", download=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SAGANData("folder", root=str(tmp_path / "imgs"))
+        SAGANData("digits")
+
+
 def test_exif_orientation_is_applied(tmp_path):
     """A photo stored sideways with an EXIF orientation tag is trained upright, as a viewer shows it."""
     shown = np.zeros((60, 80, 3), np.uint8)
