@@ -32,10 +32,13 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _disk_full_words(e: OSError) -> str:
+    return "the disk quota is exhausted" if e.errno == errno.EDQUOT else "the disk is full"
+
+
 def disk_full_message(e: OSError, where: str) -> str:
     """One line for a full disk met while writing: the file when the error names it, else ``where``."""
-    what = "the disk quota is exhausted" if e.errno == errno.EDQUOT else "the disk is full"
-    return f"could not write {str(e.filename or where)!r}: {what}"
+    return f"could not write {str(e.filename or where)!r}: {_disk_full_words(e)}"
 
 
 def disk_full_exit(prog: str, e: OSError, where: str, fix: str) -> int:
@@ -51,7 +54,7 @@ def write_failure_reason(e: BaseException, folder: Path) -> str:
     """The cause of a failed write in words: a full disk (by errno, or by the free space left, since torch's writer
     drops the errno), else the error's own last line."""
     if is_disk_full(e):
-        return "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is exhausted"
+        return _disk_full_words(e)
     try:
         free = shutil.disk_usage(folder).free
     except OSError:

@@ -34,11 +34,12 @@ D_DOWNSAMPLES = {32: 2, 64: 4, 128: 5}
 DEFAULT_ATTN = {32: (16,), 64: (32,), 128: (32,)}
 
 
-def check_resolution(resolution: int) -> None:
+def check_resolution(resolution: int, what: str = "data.resolution") -> None:
+    """A resolution the networks are built for; else a :class:`ConfigError` naming the setting ``what``."""
     if resolution not in SUPPORTED_RESOLUTIONS:
         raise ConfigError(
-            f"resolution {resolution} is not supported: the models are built for {list(SUPPORTED_RESOLUTIONS)}; "
-            "set data.resolution to one of these"
+            f"{what} {resolution} is not supported: the models are built for {list(SUPPORTED_RESOLUTIONS)}; "
+            f"set {what} to one of these"
         )
 
 

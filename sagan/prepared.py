@@ -169,11 +169,9 @@ def _map(keys: list[Any], loader: Callable[[Any], np.ndarray], workers: int) -> 
 def _check_arguments(source: str, resolution: int, channels: int, root: str | None, split: str,
                      workers: int | None) -> None:
     """One error naming the flag for arguments that would fail deep inside, or be ignored without a word."""
-    from .models import SUPPORTED_RESOLUTIONS
+    from .models import check_resolution
 
-    if resolution not in SUPPORTED_RESOLUTIONS:
-        raise SaganError(f"--resolution {resolution} is not supported: the models are built for "
-                         f"{', '.join(map(str, SUPPORTED_RESOLUTIONS))}")
+    check_resolution(resolution, "--resolution")
     if channels not in (1, 3):
         raise SaganError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     if workers is not None and workers < 0:
