@@ -183,13 +183,29 @@ class WandbDashboard(pl.Callback):
 
 class RunSummary(pl.Callback):
     """Prints, at the end of training, the iterations done (and whether ``trainer.max_time`` ended them before
-    ``trainer.max_steps``) and where the last checkpoint and sample grid are."""
+    ``trainer.max_steps``) and where the last checkpoint and sample grid are. A resumed run also says how many
+    iterations were its own, and one resumed at or past ``trainer.max_steps`` says that it had nothing to do."""
+
+    def __init__(self) -> None:
+        self.start_iteration: int | None = None  # set when training starts (after a resume has restored counters)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start_iteration = pl_module.g_steps
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ckpt = trainer.checkpoint_callback
         last_ckpt = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
         grids = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGrid) and cb.last_path]
+        if self.start_iteration is None and 0 < trainer.max_steps <= trainer.global_step:
+            # Lightning skips the whole fit loop: a run resumed with a budget it has already spent
+            if trainer.is_global_zero:
+                print(f"sagan: nothing to train: the checkpoint is at iteration {pl_module.g_steps} (optimizer step "
+                      f"{trainer.global_step}) and trainer.max_steps is {trainer.max_steps}; raise "
+                      "--trainer.max_steps (optimizer steps, n_dis + 1 per iteration) to train on", flush=True)
+            return
         lines = [f"sagan: trained {pl_module.g_steps} iterations ({pl_module.d_steps} discriminator steps)"]
+        if self.start_iteration:
+            lines[0] += f", {pl_module.g_steps - self.start_iteration} of them in this run"
         timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
         left = timer.time_remaining() if timer is not None else None  # None: no trainer.max_time
         if left is not None and left <= 0 and not 0 < trainer.max_steps <= trainer.global_step:

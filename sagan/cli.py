@@ -164,6 +164,11 @@ class SAGANCLI(LightningCLI):
                 f"{last} already exists: resume that run with --ckpt_path last, choose another --experiment, "
                 "or pass --overwrite true to start afresh and replace it"
             )
+        if cfg.ckpt_path == "last" and not last.exists():
+            # Lightning starts afresh too (a requeued job's first start), but says so with a hint about its own
+            # ModelCheckpoint arguments; a mistyped --experiment or --output_root should be visible at once.
+            warnings.warn(f"--ckpt_path last: there is no checkpoint at {last} yet, so this is a fresh run (check "
+                          "--experiment and --output_root if you meant to resume)", SaganWarning, stacklevel=1)
 
 
     @staticmethod
@@ -279,6 +284,11 @@ def main(args: list[str] | None = None) -> None:
     # Checkpoints hold the state after an iteration's optimizer steps by design (a resume continues from there,
     # bit for bit); Lightning's notice about pre-optimisation state (with a code sample) only confuses a user.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+    # sagan's own guard (SAGANCLI.before_instantiate_classes) already refuses a fresh run over a finished one and
+    # says what to do; on a resume Lightning's notice about the non-empty checkpoint folder is expected noise. The
+    # same for its notice about a missing last checkpoint, which sagan words itself.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint')
     _quiet_third_party_notices()
     _one_line_sagan_warnings()
     if argv[0] in ("evaluate", "generate", "prepare"):

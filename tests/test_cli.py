@@ -243,17 +243,39 @@ def test_overwrite_moves_the_previous_runs_checkpoints_aside(tmp_path):
     assert {f.name for f in attention.glob("*.png")} == {"step_000001.png", "step_000002.png", "step_000003.png"}
 
 
-def test_resume_from_last_checkpoint_continues_the_run(tmp_path):
+def test_resume_from_last_checkpoint_continues_the_run(tmp_path, capsys):
+    """A resume continues the counters and says how many iterations were its own; one with a budget already spent
+    says there was nothing to train; ``--ckpt_path last`` where there is no checkpoint (a mistyped experiment)
+    says it starts afresh in sagan's words, and Lightning's notices about either case stay out."""
+    import warnings
+
     common = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
               "--experiment", "resume", *TINY, "--data.batch_size", "8", "--samples.every_n_steps", "0"]
-    assert run_cli([*common, "--trainer.max_steps", "4"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cli([*common, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
     ckpt = tmp_path / "resume" / "checkpoints" / "last.ckpt"
+    said = [str(w.message) for w in caught]
+    assert [m for m in said if "--ckpt_path last" in m] == [
+        f"--ckpt_path last: there is no checkpoint at {ckpt} yet, so this is a fresh run (check --experiment and "
+        "--output_root if you meant to resume)"], said
+    assert not [m for m in said if "no last checkpoint available" in m], said
     assert torch.load(ckpt, weights_only=True)["sagan"]["g_steps"] == 2
-    assert run_cli([*common, "--trainer.max_steps", "8", "--ckpt_path", "last"]) == 0
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cli([*common, "--trainer.max_steps", "8", "--ckpt_path", "last"]) == 0
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert "sagan: trained 4 iterations (4 discriminator steps), 2 of them in this run" in capsys.readouterr().out
     state = torch.load(ckpt, weights_only=True)
     assert {k: state["sagan"][k] for k in ("d_steps", "g_steps", "batches_seen")} == {
         "d_steps": 4, "g_steps": 4, "batches_seen": 4}
     assert state["global_step"] == 8
+    assert run_cli([*common, "--trainer.max_steps", "6", "--ckpt_path", "last"]) == 0
+    out = capsys.readouterr().out
+    assert ("sagan: nothing to train: the checkpoint is at iteration 4 (optimizer step 8) and trainer.max_steps is "
+            "6; raise --trainer.max_steps") in out and "sagan: trained" not in out, out
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 8
 
 
 def test_ddp_trainer_preset_stacks_on_an_experiment(capsys):
