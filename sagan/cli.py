@@ -32,7 +32,8 @@ from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
 from .callbacks import (AttentionMaps, FastMath, FIDEvaluation, LoaderMonitor, RunSummary, SampleGrid,
                         WandbDashboard, wandb_loggers)
 from .data import SAGANData
-from .errors import ConfigError, SaganError, SaganWarning, disk_full_message, is_disk_full
+from .errors import (ConfigError, SaganError, SaganWarning, did_you_mean, disk_full_message, is_disk_full,
+                     option_keys)
 from .module import SAGAN
 from .progress import LineProgress, interactive
 from .strategy import GANDDPStrategy
@@ -97,6 +98,8 @@ class _Parser(LightningArgumentParser):
         if "default_root_dir" in str(message):
             message = ("trainer.default_root_dir is set by the sagan command from --output_root and --experiment "
                        "(a run writes to OUTPUT_ROOT/EXPERIMENT): use --output_root DIR [--experiment NAME] instead")
+        else:
+            message = f"{message}{did_you_mean(str(message), option_keys(self))}"
         return super().error(message, *args, **kwargs)
 
 

@@ -1,6 +1,9 @@
 """Errors a user can cause. The CLI prints these as one clear line (no traceback) and exits with status 2."""
 
+import argparse
+import difflib
 import errno
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +28,47 @@ class CheckpointError(SaganError):
 class SaganWarning(UserWarning):
     """Something the user may want to change (a setting that does nothing, files left out); the CLI prints it as
     one line, ``sagan: warning: ...``, without the source location Python's default format adds."""
+
+
+def option_keys(parser: argparse.ArgumentParser) -> set[str]:
+    """Every ``--a.b`` (or ``--num-samples``) option of ``parser`` and its subcommands' parsers, without the dashes."""
+    keys: set[str] = set()
+    for action in parser._actions:
+        keys.update(s[2:] for s in action.option_strings if s.startswith("--") and s not in ("--help", "--config"))
+        if isinstance(action.choices, dict):  # subcommands: name -> parser
+            for sub in action.choices.values():
+                if isinstance(sub, argparse.ArgumentParser):
+                    keys |= option_keys(sub)
+    return keys
+
+
+def did_you_mean(message: str, known: set[str]) -> str:
+    """`` (did you mean --model.lecam_weight?)`` for a mistyped option on the command line or a mistyped key in a
+    config file, as argparse and jsonargparse word them; empty when nothing is close. A name is compared first with the options
+    of its own group (``model.lecm_weight``), then with every option's last part (``model.batch_size`` is
+    ``data.batch_size``)."""
+    unknown = [("--", k) for k in re.findall(r"(?:^|\s)--([\w.-]+)", message.partition("unrecognized arguments:")[2])]
+    m = re.search(r"(Group|Subcommand) '([\w.]+)' does not accept option '([\w.]+)'", message)
+    if m:  # a key in a config file: named as a config key
+        unknown.append(("", f"{m.group(2)}.{m.group(3)}" if m.group(1) == "Group" else m.group(3)))
+    found = []
+    for dashes, key in unknown:
+        group, _, leaf = key.rpartition(".")
+        same = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == group}
+        close = difflib.get_close_matches(leaf, list(same), n=1, cutoff=0.7)
+        by_leaf = sorted(k for k in known if k.rpartition(".")[2] == leaf)
+        if close or by_leaf:
+            found.append(dashes + (same[close[0]] if close else by_leaf[0]))
+    return f" (did you mean {', '.join(found)}?)" if found else ""
+
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose error for a mistyped option names the closest real one (``sagan evaluate``,
+    ``generate``, ``prepare``; ``sagan fit``'s parser does the same through jsonargparse)."""
+
+    def error(self, message: str):
+        super().error(f"{message}{did_you_mean(message, option_keys(self))}")
 
 
 def is_disk_full(e: BaseException) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import SaganError, disk_full_exit, write_failure_reason
+from .errors import ArgumentParser, SaganError, disk_full_exit, write_failure_reason
 from .files import atomic_file
 from .metrics import (INCEPTION, MetricsError, compute_metrics, count_images, parse_metrics,
                       resolve_feature_extractor)
@@ -35,7 +35,7 @@ MATCHED_DRAWS = 5  # draws of generated sets as large as the held-out floor (eva
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sagan evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = p.add_mutually_exclusive_group(required=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from .errors import SaganError, disk_full_exit
+from .errors import ArgumentParser, SaganError, disk_full_exit
 from .models import Generator
 from .progress import track
 from .sampling import (class_names, generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds,
@@ -31,7 +31,7 @@ from .visualize import attention_figure, check_query_points, default_query_point
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sagan generate", description=__doc__,
+    p = ArgumentParser(prog="sagan generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by 'sagan fit'")
     p.add_argument("--outdir", required=True, help="output folder")

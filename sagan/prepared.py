@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import DataError, SaganError, disk_full_exit
+from .errors import ArgumentParser, DataError, SaganError, disk_full_exit
 from .files import tmp_path
 
 FORMAT = "sagan-prepared"
@@ -278,7 +278,7 @@ def prepare(
 
 # ------------------------------------------------------------------------------------------------------ command
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sagan prepare", description=__doc__,
+    p = ArgumentParser(prog="sagan prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="an image folder (flat or one subfolder per class), or 'cifar10'")
     p.add_argument("--root", help="CIFAR-10's root folder (with --source cifar10)")

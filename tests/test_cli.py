@@ -116,6 +116,30 @@ def _one_line_error(capsys, *needles: str) -> None:
         assert n in err, err
 
 
+def test_a_mistyped_option_or_config_key_names_the_closest_real_one(tmp_path, capsys):
+    """Every command's error for a mistyped option says which option was meant: a near spelling in the same group
+    first, else the same name in another group; a name like nothing gets no guess."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  lecm_weight: 0.3\n")
+    fit = ["fit", "--config", str(REPO / "configs/digits.yaml")]
+    for argv, meant in (
+        ([*fit, "--model.lecm_weight", "0.3"], "--model.lecam_weight"),
+        ([*fit, "--model.batch_size", "8"], "--data.batch_size"),
+        ([*fit, "--config", str(typo)], "model.lecam_weight"),
+        (["evaluate", "--ckpt", "x.ckpt", "--num-smples", "10"], "--num-samples"),
+        (["generate", "--ckpt", "x.ckpt", "--outdir", "o", "--truncaton", "1"], "--truncation"),
+        (["prepare", "--source", "s", "--out", "o", "--resolution", "32", "--wrokers", "2"], "--workers"),
+        ([*fit, "--model.zzz", "1"], None),
+    ):
+        assert run_cli(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "Traceback" not in err
+        if meant is None:
+            assert "did you mean" not in err, err
+        else:
+            assert err.endswith(f"(did you mean {meant}?)"), err
+
+
 def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     cfg = yaml.safe_load((REPO / "configs/digits.yaml").read_text())
