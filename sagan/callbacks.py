@@ -163,7 +163,14 @@ def git_commit() -> str:
 
 class WandbDashboard(pl.Callback):
     """Sets up the W&B run at fit start (rank 0): summaries of the validation metrics (min FID and KID, max IS),
-    the code version, and the step axes. No-op without a ``WandbLogger``."""
+    the code version, and the step axes; records the W&B run's id in every checkpoint (``wandb_run_id``), so that
+    a resume continues the same W&B run (see ``SAGANCLI._configure_wandb``). No-op without a ``WandbLogger``."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        ids = [lg.version for lg in wandb_loggers(trainer) if lg.version]
+        if ids:
+            checkpoint["wandb_run_id"] = ids[0]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -176,7 +176,12 @@ class SAGANCLI(LightningCLI):
 
     @staticmethod
     def _configure_wandb(cfg) -> None:
-        """Fill a WandbLogger's unset save_dir / name from the run, and keep it offline unless W&B is set up."""
+        """Fill a WandbLogger's unset save_dir / name from the run, and keep it offline unless W&B is set up.
+
+        A resumed run that logs online continues the W&B run its checkpoint was written by (the id the checkpoint
+        records, ``resume="allow"``), so one run's curves stay in one W&B run across restarts and requeues. Offline,
+        each start is its own offline run with a fresh id: W&B cannot resume an offline run (wandb/wandb#2423), and
+        syncing two offline runs of one id may overwrite the first one's history (wandb/wandb#3841)."""
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for lg in loggers:
             if not (hasattr(lg, "class_path") and lg.class_path.endswith("WandbLogger")):
@@ -188,6 +193,14 @@ class SAGANCLI(LightningCLI):
                 args["name"] = cfg.experiment
             if not args.get("offline") and "WANDB_MODE" not in os.environ and not wandb_configured():
                 args["offline"] = True
+            online = (not args.get("offline") and args.get("mode") not in ("offline", "disabled")
+                      and os.environ.get("WANDB_MODE", "online") not in ("offline", "dryrun", "disabled"))
+            if online and cfg.ckpt_path and args.get("id") is None and args.get("version") is None:
+                run_id = _wandb_run_id(cfg.ckpt_path, _ckpt_dir(cfg.output_root, cfg.experiment))
+                if run_id:
+                    args["id"] = run_id
+                    if args.get("resume") is None:
+                        args["resume"] = "allow"
 
 
     def _parse_ckpt_path(self) -> None:
@@ -217,6 +230,19 @@ class SAGANCLI(LightningCLI):
                 if isinstance(cb, TQDMProgressBar):
                     trainer.callbacks[i] = LineProgress()
         return trainer
+
+
+def _wandb_run_id(ckpt_path: str, ckpt_dir: str) -> str | None:
+    """The W&B run id that the checkpoint to resume from records, if any (``--ckpt_path last`` or a path).
+    The checkpoint is memory-mapped, so only its small pickle is read; an unreadable one is left to the restore,
+    which names the problem."""
+    path = Path(ckpt_dir) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - missing, foreign or truncated: the restore reports it
+        return None
+    run_id = state.get("wandb_run_id") if isinstance(state, dict) else None
+    return run_id if isinstance(run_id, str) and run_id else None
 
 
 def _gan_strategy(trainer_cfg: dict) -> GANDDPStrategy | None:

@@ -71,3 +71,41 @@ def test_offline_unless_wandb_is_set_up(monkeypatch, tmp_path):
     assert wandb_configured()
     monkeypatch.setenv("WANDB_API_KEY", "k")
     assert wandb_configured()
+
+
+def test_a_resume_continues_the_checkpoints_wandb_run_when_online(wandb_run, monkeypatch):
+    """Every checkpoint records its W&B run's id; resuming from it online continues that run (same id,
+    resume='allow'), from --ckpt_path last or a path. Offline (W&B cannot resume offline runs), a fresh run, an
+    unreadable checkpoint and an id the user chose keep W&B's own behaviour."""
+    import torch
+    from jsonargparse import Namespace
+
+    from sagan.cli import SAGANCLI
+
+    run_dir = wandb_run.parents[2]
+    run_id = wandb_run.stem.removeprefix("run-")
+    folder = run_dir / "checkpoints"
+    assert torch.load(folder / "last.ckpt", weights_only=True)["wandb_run_id"] == run_id
+    periodic = sorted(folder.glob("step=*.ckpt"))[0]
+    (run_dir / "broken.ckpt").write_bytes(b"not a checkpoint")
+
+    def configure(ckpt_path, **chosen):
+        init = {"save_dir": None, "name": None, "offline": False, "mode": None, "id": None, "version": None,
+                "resume": None, **chosen}
+        cfg = Namespace(trainer=Namespace(logger=Namespace(class_path="pytorch_lightning.loggers.WandbLogger",
+                                                           init_args=Namespace(**init))),
+                        output_root=str(run_dir.parent), experiment=run_dir.name, ckpt_path=ckpt_path)
+        SAGANCLI._configure_wandb(cfg)
+        args = cfg.trainer.logger.init_args
+        return args.id, args.resume
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "k")  # W&B set up: online
+    assert configure("last") == (run_id, "allow")
+    assert configure(str(periodic)) == (run_id, "allow")
+    assert configure(None) == (None, None)
+    assert configure(str(run_dir / "broken.ckpt")) == (None, None)
+    assert configure("last", id="mine") == ("mine", None)
+    assert configure("last", offline=True) == (None, None)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert configure("last") == (None, None)
