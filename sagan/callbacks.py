@@ -188,6 +188,10 @@ class WandbDashboard(pl.Callback):
                               allow_val_change=True)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 class RunSummary(pl.Callback):
     """Prints, at the end of training, the iterations done (and whether ``trainer.max_time`` ended them before
     ``trainer.max_steps``) and where the last checkpoint and sample grid are. A resumed run also says how many
@@ -210,7 +214,8 @@ class RunSummary(pl.Callback):
                       f"{trainer.global_step}) and trainer.max_steps is {trainer.max_steps}; raise "
                       "--trainer.max_steps (optimizer steps, n_dis + 1 per iteration) to train on", flush=True)
             return
-        lines = [f"sagan: trained {pl_module.g_steps} iterations ({pl_module.d_steps} discriminator steps)"]
+        lines = [f"sagan: trained {_count(pl_module.g_steps, 'iteration')} "
+                 f"({_count(pl_module.d_steps, 'discriminator step')})"]
         if self.start_iteration:
             lines[0] += f", {pl_module.g_steps - self.start_iteration} of them in this run"
         timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)

@@ -161,6 +161,18 @@ class SAGANCLI(LightningCLI):
                 f"the output folder {str(run_dir)!r} is not writable ({e.strerror or e}): choose another "
                 "--output_root or --experiment"
             ) from None
+        # Lightning's own errors for these suggest "switch to automatic optimization", which a sagan user cannot do
+        trainer = cfg.trainer
+        if trainer.get("gradient_clip_val") not in (None, 0, 0.0):
+            raise ConfigError(
+                f"trainer.gradient_clip_val {trainer.gradient_clip_val} is not supported: sagan's D and G steps "
+                "optimise by hand (one Lightning step each), where Lightning cannot clip; drop it (spectral norm "
+                "already bounds D, and model.nonfinite guards against blow-ups)")
+        if trainer.get("accumulate_grad_batches") not in (None, 1):
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} is not supported: sagan's D and G "
+                "steps optimise by hand, where Lightning cannot accumulate; raise data.batch_size, or train on more "
+                "devices (the batch is per device)")
         last = Path(_ckpt_dir(cfg.output_root, cfg.experiment)) / "last.ckpt"
         if cfg.ckpt_path is None and last.exists() and not cfg.overwrite:
             raise SaganError(

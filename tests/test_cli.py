@@ -171,6 +171,8 @@ def test_gpu_preset_on_a_machine_without_gpu_is_one_clear_error(tmp_path, capsys
     (["--fid.every_n_steps", "5", "--fid.metrics", "[fid, foo]"], "fid.metrics: unknown metric(s) ['foo']"),
     (["--attention_maps.every_n_steps", "1", "--attention_maps.num_images", "0"], "attention_maps.num_images must"),
     (["--checkpoint.every_n_train_steps", "-5"], "every_n_train_steps=-5. Must be >= 0 (sagan fit --help"),
+    (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val 1.0 is not supported: sagan's D and G steps"),
+    (["--trainer.accumulate_grad_batches", "2"], "accumulate_grad_batches 2 is not supported: sagan's D and G steps"),
 ])
 def test_settings_that_would_fail_mid_run_are_refused_before_it(tmp_path, capsys, flags, says):
     """Values that used to pass and then fail with a traceback in the first optimizer step, evaluation or
@@ -332,6 +334,7 @@ def test_a_fit_prints_no_third_party_notices_a_user_cannot_act_on(tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "checkpoint:" in out and "wandb" in out.lower()  # the run and its W&B lines are still there
+    assert "sagan: trained 1 iteration (1 discriminator step)\n" in out, out
     for notice in ("LeafSpec", "litlogger", "anonymous setting"):
         assert notice not in out, notice
     ours = [ln for ln in out.splitlines() if "class_weight is ignored" in ln]
