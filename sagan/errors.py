@@ -44,9 +44,9 @@ def option_keys(parser: argparse.ArgumentParser) -> set[str]:
 
 def did_you_mean(message: str, known: set[str]) -> str:
     """`` (did you mean --model.lecam_weight?)`` for a mistyped option on the command line or a mistyped key in a
-    config file, as argparse and jsonargparse word them; empty when nothing is close. A name is compared first with the options
-    of its own group (``model.lecm_weight``), then with every option's last part (``model.batch_size`` is
-    ``data.batch_size``)."""
+    config file, as argparse and jsonargparse word them; empty when nothing is close. A name is compared first with
+    the options of its own group (``model.lecm_weight``), then with every option's last part (``model.batch_size``
+    is ``data.batch_size``)."""
     unknown = [("--", k) for k in re.findall(r"(?:^|\s)--([\w.-]+)", message.partition("unrecognized arguments:")[2])]
     m = re.search(r"(Group|Subcommand) '([\w.]+)' does not accept option '([\w.]+)'", message)
     if m:  # a key in a config file: named as a config key
@@ -60,7 +60,6 @@ def did_you_mean(message: str, known: set[str]) -> str:
         if close or by_leaf:
             found.append(dashes + (same[close[0]] if close else by_leaf[0]))
     return f" (did you mean {', '.join(found)}?)" if found else ""
-
 
 
 class ArgumentParser(argparse.ArgumentParser):

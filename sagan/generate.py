@@ -32,7 +32,7 @@ from .visualize import attention_figure, check_query_points, default_query_point
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="sagan generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint written by 'sagan fit'")
     p.add_argument("--outdir", required=True, help="output folder")
     which = p.add_mutually_exclusive_group()

@@ -279,7 +279,7 @@ def prepare(
 # ------------------------------------------------------------------------------------------------------ command
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="sagan prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="an image folder (flat or one subfolder per class), or 'cifar10'")
     p.add_argument("--root", help="CIFAR-10's root folder (with --source cifar10)")
     p.add_argument("--split", default="train", help="CIFAR-10 split: train or test (default train)")
