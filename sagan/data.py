@@ -102,6 +102,23 @@ def _images_among(paths: Iterable[Path], unread: dict[str, int]) -> list[Path]:
     return sorted(found)
 
 
+# Folders that tools put beside or inside image folders and that are never a class or training images: macOS's
+# resource forks in zip files (``__MACOSX/._photo.jpg``), Synology's thumbnails (``@eaDir/photo.jpg/THUMB_XL.jpg``),
+# and hidden folders (``.thumbnails``, ``.ipynb_checkpoints``, ``.git``).
+NOT_IMAGE_FOLDERS = ("__MACOSX", "@eaDir")
+
+
+def _kept_folder(name: str) -> bool:
+    return not name.startswith(".") and name not in NOT_IMAGE_FOLDERS
+
+
+def _files_below(folder: Path) -> Iterable[Path]:
+    """Every file below ``folder``, not descending into the folders :func:`_kept_folder` leaves out."""
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if _kept_folder(d)]  # pruned in place: os.walk does not descend into them
+        yield from (Path(here) / f for f in files)
+
+
 def _warn_unread(root: Path, unread: dict[str, int]) -> None:
     """Without this warning a folder of phone photos (HEIC) would train on the few JPEGs among them, silently."""
     if unread:
@@ -116,6 +133,7 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
 
     One subfolder per class (images found recursively inside each) makes a labelled set with classes in sorted
     order; images directly in ``root`` and no class subfolders make an unlabelled set (label 0, no classes).
+    Hidden files and folders, macOS's ``__MACOSX`` and Synology's ``@eaDir`` are never classes or images.
     Images directly in a ``root`` that has class subfolders are not used, with a warning. A warning counts the
     files that look like images but are not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
     """
@@ -125,10 +143,10 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
             f"image folder {str(root)!r} does not exist or is not a folder: set data.root to a folder of images "
             "(flat, or one subfolder per class)"
         )
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _kept_folder(p.name))
     unread: dict[str, int] = {}
     if subdirs:
-        per_class = [_images_among(d.rglob("*"), unread) for d in subdirs]
+        per_class = [_images_among(_files_below(d), unread) for d in subdirs]
         _warn_unread(root, unread)
         classes, samples = [], []
         for label, (d, files) in enumerate(zip(subdirs, per_class, strict=True)):
@@ -155,6 +173,23 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], 
             "flat or one subfolder per class"
         )
     return [(f, 0) for f in files], []
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Every image below ``root`` at any depth (class subfolders or not, loose images included), sorted, as the
+    image-folder path reads them: the files :func:`scan_image_folder` would skip are skipped, and files that look
+    like images but are not read are counted in a warning. For comparing folders (``sagan evaluate --folders``),
+    where classes do not matter."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist or is not a folder: pass the path of a folder "
+                        "of images")
+    unread: dict[str, int] = {}
+    files = _images_among(_files_below(root), unread)
+    _warn_unread(root, unread)
+    if not files:
+        raise DataError(f"image folder {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)}), at any depth")
+    return files
 
 
 class ImageLoader:

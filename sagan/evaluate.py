@@ -12,6 +12,8 @@ samples relative to the real images and NDB/JSD over k-means bins of the real fe
 image missing without labels (see :mod:`sagan.metrics`). Under torchrun every process generates and
 extracts its share of the samples; the numbers equal a single process's. The table is printed and written as JSON next to the checkpoint (``last.metrics.json``)
 together with the protocol: image counts, reference split, feature extractor and the hash of its weights, seed.
+``--folders`` reads both folders as training reads an image folder, at one resolution (``--resolution``, default
+the first folder's first image's short side).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import ArgumentParser, SaganError, disk_full_exit, write_failure_reason
+from .errors import ArgumentParser, DataError, SaganError, disk_full_exit, write_failure_reason
 from .files import atomic_file
-from .metrics import (INCEPTION, MetricsError, compute_metrics, count_images, parse_metrics,
+from .metrics import (INCEPTION, MetricsError, UInt8Images, compute_metrics, parse_metrics,
                       resolve_feature_extractor)
 
 MATCHED_DRAWS = 5  # draws of generated sets as large as the held-out floor (evaluate --floor)
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML whose data: section replaces the checkpoint's data settings")
     p.add_argument("--data-root", help="override data.root (e.g. the data set lives elsewhere on this machine)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="with --folders: the size both folders' images are resized and centre-cropped to "
+                        "(default: the short side of the first folder's first image)")
     p.add_argument("--metrics", default="fid,prc",
                    help="comma-separated subset of fid,isc,kid,prc (default fid,prc: FID, precision and recall)")
     p.add_argument("--feature-extractor", default="auto",
@@ -212,17 +217,45 @@ def _init_distributed() -> bool:
 
 
 def evaluate_folders(a: argparse.Namespace) -> dict[str, Any]:
-    for folder in a.folders:  # a mistyped folder is named before the feature extractor's weights are looked for
-        count_images(folder)
+    """Both folders read by the image-folder path of training (every format it reads, at any depth, EXIF
+    orientation, 16-bit and transparent images, tool folders such as ``__MACOSX`` skipped), each image resized on
+    its short side and centre-cropped to one resolution: ``--resolution``, else the first folder's first image's
+    short side (generated images first: the real ones are then compared at the generator's resolution, as
+    ``--ckpt`` compares them). Folders of mixed sizes work; an unreadable file is named."""
+    from .data import ImageFolderDataset, ImageLoader, list_images
+
+    first, second = a.folders
+    # a mistyped folder is named before the feature extractor's weights are looked for
+    files = {folder: list_images(folder) for folder in (first, second)}
+    if a.resolution is not None and a.resolution < 1:
+        raise SaganError(f"--resolution must be >= 1, got {a.resolution}")
+    resolution = a.resolution if a.resolution is not None else _short_side(files[first][0])
+    loader = ImageLoader(resolution, channels=3)
+    inputs = [UInt8Images(ImageFolderDataset([(f, 0) for f in files[folder]], loader)) for folder in (first, second)]
     fe = INCEPTION if a.feature_extractor == "auto" else a.feature_extractor
     spec = resolve_feature_extractor(fe, a.weights)
-    first, second = a.folders
-    res = compute_metrics(first, second, metrics=a.metrics, feature_extractor=spec, fid_layer=a.fid_layer,
-                          seed=a.seed, batch_size=a.batch_size, device=_device(a.device),
-                          allow_few_samples=a.allow_few_samples)
+    try:
+        res = compute_metrics(*inputs, metrics=a.metrics, feature_extractor=spec, fid_layer=a.fid_layer,
+                              seed=a.seed, batch_size=a.batch_size, device=_device(a.device),
+                              allow_few_samples=a.allow_few_samples)
+    except DataError as e:  # an unreadable file: training's advice (data.bad_images) does not apply here
+        raise DataError(str(e).replace(", or set data.bad_images: skip", "")) from None
     print(_table({f"{first} vs {second}": res.values}))
-    protocol = dict(res.protocol) | {"first": str(Path(first).resolve()), "second": str(Path(second).resolve())}
+    print(f"protocol: {len(inputs[0])} vs {len(inputs[1])} images, both at {resolution}x{resolution} (resized on the "
+          f"short side, centre-cropped), features {spec.name}, seed {a.seed}")
+    protocol = dict(res.protocol) | {"first": str(Path(first).resolve()), "second": str(Path(second).resolve()),
+                                     "resolution": resolution}
     return {"metrics": res.values, "protocol": protocol, "_json": Path(a.json) if a.json else None}
+
+
+def _short_side(path: Path) -> int:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return min(ImageOps.exif_transpose(img).size)
+    except (OSError, UnidentifiedImageError) as e:
+        raise SaganError(f"cannot read image {str(path)!r} ({e}): remove or replace it, or pass --resolution") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             raise MetricsError(f"--batch-size must be >= 1, got {a.batch_size}")
         if a.num_workers < 0:
             raise MetricsError(f"--num-workers must be >= 0 (0 = load in this process), got {a.num_workers}")
+        if a.ckpt and a.resolution is not None:
+            raise MetricsError("--resolution is for --folders: a checkpoint's samples and its data set are compared "
+                               "at the model's resolution")
         if a.ckpt:
             started = _init_distributed()
         out = evaluate_checkpoint(a) if a.ckpt else evaluate_folders(a)

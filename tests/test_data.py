@@ -223,6 +223,26 @@ def test_loose_images_beside_class_folders_are_named_in_a_warning(tmp_path):
         scan_image_folder(tmp_path / "classes")
 
 
+def test_folders_of_tools_are_neither_classes_nor_images(tmp_path):
+    """A zip made on a Mac unpacks with a __MACOSX folder (which would be a class of no images, or turn a flat set
+    into a set of one class); a NAS adds @eaDir thumbnails inside every folder, viewers a hidden .thumbnails one
+    (which would be trained as more images of the class)."""
+    write_images(tmp_path / "flat", 5)
+    (tmp_path / "flat" / "__MACOSX").mkdir()
+    (tmp_path / "flat" / "__MACOSX" / "._img_000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_images(tmp_path / "flat" / "@eaDir" / "img_000.png", 2)
+    samples, classes = scan_image_folder(tmp_path / "flat")
+    assert classes == [] and len(samples) == 5
+    for cls, n in (("cat", 3), ("dog", 4)):
+        write_images(tmp_path / "classes" / cls / "sub", n)
+        write_images(tmp_path / "classes" / cls / ".thumbnails", 2)
+        write_images(tmp_path / "classes" / cls / "sub" / "@eaDir", 2)
+    write_images(tmp_path / "classes" / "__MACOSX" / "cat", 1)
+    samples, classes = scan_image_folder(tmp_path / "classes")
+    assert classes == ["cat", "dog"] and [label for _, label in samples] == [0] * 3 + [1] * 4
+    assert all(p.parent.name == "sub" for p, _ in samples)
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"does not exist.*data\.root"):
         SAGANData("folder", root=str(tmp_path / "nope"))

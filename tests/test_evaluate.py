@@ -228,6 +228,44 @@ def test_evaluate_two_folders(tmp_path, capsys):
     assert data["metrics"]["fid"] >= 0 and data["protocol"]["num_input1"] == 70
 
 
+def test_folders_are_read_like_training_data_at_one_resolution(tmp_path, capsys):
+    """Folders of mixed sizes and formats (a scraped set; a generator's samples beside real photos), with the
+    __MACOSX junk a zip made on a Mac unpacks with and a NAS's thumbnail folders, compare at one resolution; an unreadable file is named."""
+    from PIL import Image
+
+    write_images(tmp_path / "a" / "x", 40, size=48, seed=1)
+    write_images(tmp_path / "a" / "y", 30, size=32, seed=2)
+    (tmp_path / "a" / "__MACOSX").mkdir()
+    (tmp_path / "a" / "__MACOSX" / "._img_000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_images(tmp_path / "a" / "x" / "@eaDir", 3, size=8)  # a NAS's thumbnails: not images of the set
+    for i, p in enumerate(write_images(tmp_path / "b", 70, size=40, seed=3)):
+        if i % 2:  # half of them webp, one 16-bit grayscale, one transparent
+            Image.open(p).save(p.with_suffix(".webp"), lossless=True)
+            p.unlink()
+    Image.fromarray(np.full((36, 50), 40000, np.uint16)).save(tmp_path / "b" / "deep.png")
+    Image.new("RGBA", (30, 44), (255, 0, 0, 128)).save(tmp_path / "b" / "alpha.png")
+    out_json = tmp_path / "ab.json"
+    args = ["--folders", str(tmp_path / "a"), str(tmp_path / "b"), "--feature-extractor", "digits-mlp",
+            "--metrics", "fid", "--device", "cpu"]
+    assert evaluate_main([*args, "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "protocol: 70 vs 72 images, both at 48x48" in out  # the first folder's first image's short side
+    protocol = json.loads(out_json.read_text())["protocol"]
+    assert protocol["resolution"] == 48 and (protocol["num_input1"], protocol["num_input2"]) == (70, 72)
+    assert evaluate_main([*args, "--resolution", "16", "--json", str(out_json)]) == 0
+    assert "both at 16x16" in capsys.readouterr().out and json.loads(out_json.read_text())["protocol"][
+        "resolution"] == 16
+
+    (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cases = {"broken.png": args,
+             "--resolution must be >= 1": [*args, "--resolution", "0"],
+             "--resolution is for --folders": ["--ckpt", str(tmp_path / "x.ckpt"), "--resolution", "32"]}
+    for needle, case in cases.items():
+        assert evaluate_main(case) == 2, needle
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and "bad_images" not in err, err
+
+
 def test_imbalanced_digits_script_writes_the_long_tail_and_scores_against_it(digits_run, tmp_path):
     import importlib.util
 
