@@ -405,7 +405,8 @@ def _one_line_sagan_warnings() -> None:
     """Print sagan's own warnings (:class:`SaganWarning`) as ``sagan: warning: MESSAGE``. Python's default format
     adds the file and line of the call, which for a setting checked in ``__init__`` points into Lightning's CLI code
     that built the model, plus that line of code: noise to a user. Other packages' warnings keep their format;
-    tools that record warnings (pytest) never format them, so they see the same warnings as before."""
+    tools that record warnings (pytest) never format them, so they see the same warnings as before. Under DDP
+    each process runs the same checks, so only global rank 0 prints them, as Lightning prints its own."""
     default = warnings.formatwarning
     if getattr(default, "sagan", False):
         return
@@ -413,7 +414,9 @@ def _one_line_sagan_warnings() -> None:
     def formatwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       line: str | None = None) -> str:
         if issubclass(category, SaganWarning):
-            return f"sagan: warning: {message}\n"
+            from lightning_fabric.utilities.rank_zero import rank_zero_only  # rank set from the environment on import
+
+            return "" if getattr(rank_zero_only, "rank", 0) else f"sagan: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
     formatwarning.sagan = True  # type: ignore[attr-defined]

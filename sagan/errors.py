@@ -66,7 +66,19 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose error for a mistyped option names the closest real one (``sagan evaluate``,
     ``generate``, ``prepare``; ``sagan fit``'s parser does the same through jsonargparse)."""
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
+        if message.startswith(("the following arguments are required", "one of the arguments")):
+            # argparse checks required options before unrecognised ones: '--resolutoin 32' would be reported as
+            # '--resolution is required'; name the mistyped option instead
+            options = [s for action in self._actions for s in action.option_strings]
+            unknown = [a.partition("=")[0] for a in getattr(self, "_argv", []) if a.startswith("--")
+                       and not any(o.startswith(a.partition("=")[0]) for o in options)]
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         super().error(f"{message}{did_you_mean(message, option_keys(self))}")
 
 

@@ -130,6 +130,10 @@ def test_a_mistyped_option_or_config_key_names_the_closest_real_one(tmp_path, ca
         (["generate", "--ckpt", "x.ckpt", "--outdir", "o", "--truncaton", "1"], "--truncation"),
         (["prepare", "--source", "s", "--out", "o", "--resolution", "32", "--wrokers", "2"], "--workers"),
         ([*fit, "--model.zzz", "1"], None),
+        # the option it stands for is required: named as the mistyped one, not as one missing
+        (["prepare", "--source", "s", "--out", "o", "--resolutoin", "32"], "--resolution"),
+        (["generate", "--ckt", "x.ckpt", "--outdir", "o"], "--ckpt"),
+        (["evaluate", "--chkpt=x.ckpt"], "--ckpt"),
     ):
         assert run_cli(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -116,12 +116,14 @@ def test_cli_ddp_fid_once_then_resume_on_one_process(tmp_path):
             "--model.fake_labels", "data"]  # every rank counts the classes of the whole set
     res = subprocess.run([*base, "--trainer.devices", "2", "--trainer.strategy", "sagan.strategy.GANDDPStrategy",
                           "--trainer.strategy.process_group_backend", "gloo", "--trainer.max_steps", "8",
+                          "--ckpt_path", "last",  # no checkpoint yet: a fresh run, with a warning every rank finds
                           "--fid.every_n_steps", "2", "--fid.num_samples", "100",
                           "--fid.cache_root", str(tmp_path / "cache")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr
     assert out.count("[iteration 2] val/fid=") == 1  # computed once (rank 0), printed once, no rank left waiting
+    assert out.count("sagan: warning: --ckpt_path last: there is no checkpoint") == 1  # printed by rank 0 only
     assert out.count("[iteration 4] val/fid=") == 1
     assert "generating (rank 0's share of 100): 50/50 (100%)" in out  # rank 0's bar ends at 100%
     run = tmp_path / "ddp"
