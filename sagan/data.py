@@ -7,7 +7,7 @@ and resize (or, for prepared sets, only read rows). On the training device, afte
 worker processes and a resumed run sees exactly the flips an uninterrupted one would, whatever the worker count.
 
 * ``folder``: a folder of images, flat (unconditional) or one subfolder per class (class-conditional), read with
-  PIL, resized on the short side and centre-cropped to ``resolution``.
+  PIL, resized on the short side and centre-cropped to ``resolution``; or a ``.zip`` of such a folder, read in place.
 * ``cifar10``: ``torchvision.datasets.CIFAR10`` from a local ``root`` (``download: true`` fetches it when online).
 * ``prepared``: a folder written once by ``sagan prepare`` (:mod:`sagan.prepared`): the same pixels as the folder
   path, read as rows of one uint8 array; the fast path for large sets and many GPUs.
@@ -18,9 +18,12 @@ worker processes and a resumed run sees exactly the flips an uninterrupted one w
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
+import zipfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,68 +131,154 @@ def _warn_unread(root: Path, unread: dict[str, int]) -> None:
                       SaganWarning, stacklevel=3)
 
 
-def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], list[str]]:
-    """List (path, label) pairs and class names of an image folder.
+@dataclass(frozen=True, order=True)
+class ZipMember:
+    """An image inside a zip archive (``data.root: faces.zip``): what a path is to an image folder. Each process
+    opens the archive once, on its first read (a handle inherited through ``fork`` would share its file offset
+    with the parent's)."""
+
+    archive: Path
+    member: str  # the name inside the archive, '/'-separated
+    size: int = field(compare=False)
+    crc: int = field(compare=False)
+
+    @property
+    def name(self) -> str:
+        return self.member.rpartition("/")[2]
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+    def is_file(self) -> bool:
+        return True
+
+    def read(self) -> bytes:
+        return _zip_handle(self.archive).read(self.member)
+
+    def __str__(self) -> str:
+        return f"{self.archive}/{self.member}"
+
+
+_ZIP_HANDLES: dict[tuple[int, Path], zipfile.ZipFile] = {}
+
+
+def _zip_handle(archive: Path) -> zipfile.ZipFile:
+    key = (os.getpid(), archive)
+    if key not in _ZIP_HANDLES:
+        _ZIP_HANDLES[key] = zipfile.ZipFile(archive)
+    return _ZIP_HANDLES[key]
+
+
+def _is_zip(root: Path) -> bool:
+    return root.is_file() and zipfile.is_zipfile(root)
+
+
+def _check_image_root(root: Path, what: str) -> None:
+    if root.is_dir() or _is_zip(root):
+        return
+    if root.is_file():
+        raise DataError(f"image folder {str(root)!r} is a file but not a zip archive: unpack it into a folder, or "
+                        f"{what} a folder of images or a .zip of one")
+    raise DataError(f"image folder {str(root)!r} does not exist or is not a folder: {what} a folder of images "
+                    "(flat, or one subfolder per class) or a .zip of one")
+
+
+def _zip_images(root: Path) -> list[tuple[list[str], ZipMember]]:
+    """(folders, member) of every file of the archive that looks like an image, outside hidden and tool folders.
+    A folder holding all of them is the archive's wrapper (``img_align_celeba.zip`` holds
+    ``img_align_celeba/*.jpg``), not a class: it is dropped, as unpacking and pointing at it would."""
+    try:
+        with zipfile.ZipFile(root) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"cannot read zip archive {str(root)!r} ({e}): replace it, or unpack it into a folder") from None
+    files = []
+    for i in infos:
+        *folders, name = i.filename.split("/")
+        if all(_kept_folder(d) for d in folders) and Path(name).suffix.lower() in IMG_EXTENSIONS + UNREAD_IMAGE_EXTENSIONS:
+            files.append((folders, ZipMember(root, i.filename, i.file_size, i.CRC)))
+    while files and all(folders for folders, _ in files) and len({folders[0] for folders, _ in files}) == 1:
+        files = [(folders[1:], m) for folders, m in files]
+    return files
+
+
+def _labelled_or_flat(root: Path, per_class: dict[str, list[Any]], loose: list[Any]) -> tuple[
+        list[tuple[Any, int]], list[str]]:
+    if per_class:
+        classes = list(per_class)
+        if loose:  # a flat folder with a stray subfolder would otherwise train on the subfolder alone
+            warnings.warn(f"image folder {str(root)!r} has class subfolders ({len(classes)}: "
+                          f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) and {len(loose)} image(s) "
+                          f"directly in it, which are not used: every subfolder is a class. Move the loose images "
+                          f"into a class subfolder, or the subfolders out, for a flat (unconditional) set",
+                          SaganWarning, stacklevel=3)
+        return [(f, label) for label, files in enumerate(per_class.values()) for f in files], classes
+    if not loose:
+        raise DataError(
+            f"image folder {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)}): put images in it, "
+            "flat or one subfolder per class"
+        )
+    return [(f, 0) for f in loose], []
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path | ZipMember, int]], list[str]]:
+    """List (path, label) pairs and class names of an image folder, or of a zip archive of one.
 
     One subfolder per class (images found recursively inside each) makes a labelled set with classes in sorted
     order; images directly in ``root`` and no class subfolders make an unlabelled set (label 0, no classes).
     Hidden files and folders, macOS's ``__MACOSX`` and Synology's ``@eaDir`` are never classes or images.
     Images directly in a ``root`` that has class subfolders are not used, with a warning. A warning counts the
-    files that look like images but are not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
+    files that look like images but are not read (:data:`UNREAD_IMAGE_EXTENSIONS`). In a zip archive, a folder
+    that holds every image is not a class (see :func:`_zip_images`), and a folder without images is no class.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(
-            f"image folder {str(root)!r} does not exist or is not a folder: set data.root to a folder of images "
-            "(flat, or one subfolder per class)"
-        )
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _kept_folder(p.name))
+    _check_image_root(root, "set data.root to")
     unread: dict[str, int] = {}
-    if subdirs:
-        per_class = [_images_among(_files_below(d), unread) for d in subdirs]
+    if root.is_file():
+        groups: dict[str, list[ZipMember]] = {}
+        loose = []
+        for folders, m in _zip_images(root):
+            (groups.setdefault(folders[0], []) if folders else loose).append(m)
+        per_class = {c: _images_among(groups[c], unread) for c in sorted(groups)}
+        loose = _images_among(loose, {} if per_class else unread)
         _warn_unread(root, unread)
-        classes, samples = [], []
-        for label, (d, files) in enumerate(zip(subdirs, per_class, strict=True)):
-            if not files:
+        return _labelled_or_flat(root, {c: f for c, f in per_class.items() if f}, loose)
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _kept_folder(p.name))
+    if subdirs:
+        per_class = {d.name: _images_among(_files_below(d), unread) for d in subdirs}
+        _warn_unread(root, unread)
+        for d in subdirs:
+            if not per_class[d.name]:
                 raise DataError(
                     f"class folder {str(d)!r} has no images ({', '.join(IMG_EXTENSIONS)}): add images to it or "
                     "remove it, since every subfolder of data.root is a class"
                 )
-            classes.append(d.name)
-            samples += [(f, label) for f in files]
-        loose = _images_among(root.iterdir(), {})
-        if loose:  # a flat folder with a stray subfolder would otherwise train on the subfolder alone
-            warnings.warn(f"image folder {str(root)!r} has class subfolders ({len(subdirs)}: "
-                          f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}) and {len(loose)} image(s) "
-                          f"directly in it, which are not used: every subfolder is a class. Move the loose images "
-                          f"into a class subfolder, or the subfolders out, for a flat (unconditional) set",
-                          SaganWarning, stacklevel=2)
-        return samples, classes
-    files = _images_among(root.iterdir(), unread)
+        return _labelled_or_flat(root, per_class, _images_among(root.iterdir(), {}))
+    loose = _images_among(root.iterdir(), unread)
     _warn_unread(root, unread)
-    if not files:
-        raise DataError(
-            f"image folder {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)}): put images in it, "
-            "flat or one subfolder per class"
-        )
-    return [(f, 0) for f in files], []
+    return _labelled_or_flat(root, {}, loose)
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """Every image below ``root`` at any depth (class subfolders or not, loose images included), sorted, as the
-    image-folder path reads them: the files :func:`scan_image_folder` would skip are skipped, and files that look
-    like images but are not read are counted in a warning. For comparing folders (``sagan evaluate --folders``),
-    where classes do not matter."""
+def list_images(root: str | os.PathLike) -> list[Path | ZipMember]:
+    """Every image below ``root`` (a folder or a zip archive) at any depth (class subfolders or not, loose images
+    included), sorted, as the image-folder path reads them: the files :func:`scan_image_folder` would skip are
+    skipped, and files that look like images but are not read are counted in a warning. For comparing folders
+    (``sagan evaluate --folders``), where classes do not matter."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {str(root)!r} does not exist or is not a folder: pass the path of a folder "
-                        "of images")
+    _check_image_root(root, "pass the path of")
     unread: dict[str, int] = {}
-    files = _images_among(_files_below(root), unread)
+    found = [m for _, m in _zip_images(root)] if root.is_file() else _files_below(root)
+    files = _images_among(found, unread)
     _warn_unread(root, unread)
     if not files:
         raise DataError(f"image folder {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)}), at any depth")
     return files
+
+
+def open_image(path: str | os.PathLike | ZipMember) -> Image.Image:
+    """PIL's ``Image.open`` for a file or a :class:`ZipMember`."""
+    return Image.open(io.BytesIO(path.read()) if isinstance(path, ZipMember) else path)
 
 
 class ImageLoader:
@@ -214,18 +303,19 @@ class ImageLoader:
         arr = np.array(self.transform(img), dtype=np.uint8)  # (R, R, C) or (R, R)
         return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, R, R)
 
-    def __call__(self, path: str | os.PathLike) -> np.ndarray:
+    def __call__(self, path: str | os.PathLike | ZipMember) -> np.ndarray:
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 if img.format == "JPEG":
                     img.draft(None, (2 * self.resolution, 2 * self.resolution))
                 img.load()  # decodes fully: truncated files fail here
                 if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
                     img = ImageOps.exif_transpose(img)
                 return self.pil(img)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
+            detail = "not an image format PIL identifies" if isinstance(e, UnidentifiedImageError) else e
             raise DataError(
-                f"cannot read image {str(path)!r} ({type(e).__name__}: {e}): remove or replace the file, "
+                f"cannot read image {str(path)!r} ({type(e).__name__}: {detail}): remove or replace the file, "
                 "or set data.bad_images: skip"
             ) from None
 
@@ -283,9 +373,10 @@ class ImageFolderDataset(Dataset):
     the folder is served in its place so batches keep their size.
     """
 
-    def __init__(self, samples: list[tuple[Path, int]], loader: ImageLoader, bad_images: str = "stop") -> None:
+    def __init__(self, samples: list[tuple[Path | ZipMember, int]], loader: ImageLoader,
+                 bad_images: str = "stop") -> None:
         self.samples, self.loader, self.bad_images = samples, loader, bad_images
-        self.skipped: set[Path] = set()
+        self.skipped: set[Path | ZipMember] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -450,7 +541,7 @@ class SAGANData(pl.LightningDataModule):
         self.dataset, self.root, self.resolution, self.channels = dataset, root, resolution, channels
         self.batch_size, self.num_workers, self.download, self.hflip = batch_size, num_workers, download, hflip
         self.bad_images, self.seed, self.in_memory, self.background = bad_images, seed, in_memory, rgb
-        self._samples: list[tuple[Path, int]] = []
+        self._samples: list[tuple[Path | ZipMember, int]] = []
         if dataset == "folder":
             self._samples, self.classes = scan_image_folder(root)
         elif dataset == "prepared":
@@ -530,8 +621,8 @@ class SAGANData(pl.LightningDataModule):
     def fingerprint(self, split: str = "train") -> str:
         """A short hash of what the images of ``split`` are made from, and how: changes when the data does.
 
-        Digits: the pixel values. Folders: every file's relative path, size and modification time. CIFAR-10: the
-        same for its batch files. Prepared sets: the manifest's fingerprint (of its source and how it was made).
+        Digits: the pixel values. Folders: every file's relative path, size and modification time (in a zip archive,
+        size and CRC-32). CIFAR-10: the same for its batch files. Prepared sets: the manifest's fingerprint (of its source and how it was made).
         Plus data set, split, resolution and channels, and ``background`` where it is not black.
         """
         h = hashlib.sha256(f"{self.dataset}|{split}|{self.resolution}|{self.channels}".encode())
@@ -554,6 +645,9 @@ class SAGANData(pl.LightningDataModule):
                     raise DataError(f"CIFAR-10 not found under data.root={self.root!r}: put 'cifar-10-batches-py' there")
                 files = sorted(p for p in base.iterdir() if p.is_file())
             for p in files:
+                if isinstance(p, ZipMember):  # a member's CRC-32 changes with its bytes
+                    h.update(f"{p.member}|{p.size}|{p.crc:08x}\n".encode())
+                    continue
                 st = p.stat()
                 h.update(f"{p.relative_to(base)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="checkpoint written by 'sagan fit'")
-    src.add_argument("--folders", nargs=2, metavar=("FIRST", "SECOND"), help="compare two image folders")
+    src.add_argument("--folders", nargs=2, metavar=("FIRST", "SECOND"), help="compare two image folders (or zips of them)")
     p.add_argument("--config", help="YAML whose data: section replaces the checkpoint's data settings")
     p.add_argument("--data-root", help="override data.root (e.g. the data set lives elsewhere on this machine)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")
@@ -248,11 +248,13 @@ def evaluate_folders(a: argparse.Namespace) -> dict[str, Any]:
     return {"metrics": res.values, "protocol": protocol, "_json": Path(a.json) if a.json else None}
 
 
-def _short_side(path: Path) -> int:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _short_side(path: Any) -> int:
+    from PIL import ImageOps, UnidentifiedImageError
+
+    from .data import open_image
 
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             return min(ImageOps.exif_transpose(img).size)
     except (OSError, UnidentifiedImageError) as e:
         raise SaganError(f"cannot read image {str(path)!r} ({e}): remove or replace it, or pass --resolution") from None

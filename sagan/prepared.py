@@ -1,6 +1,8 @@
-"""Prepared data sets: an image folder or CIFAR-10 decoded, resized and centre-cropped once, stored as uint8.
+"""Prepared data sets: an image folder (or a zip of one) or CIFAR-10 decoded, resized and centre-cropped once,
+stored as uint8.
 
     sagan prepare --source data/celeba --out data/celeba64 --resolution 64
+    sagan prepare --source img_align_celeba.zip --out data/celeba64 --resolution 64
     sagan prepare --source cifar10 --root data/cifar10 --out data/cifar10-32 --resolution 32
     sagan fit --config configs/celeba64.yaml --data.dataset prepared --data.root data/celeba64
 
@@ -280,7 +282,8 @@ def prepare(
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="sagan prepare", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="an image folder (flat or one subfolder per class), or 'cifar10'")
+    p.add_argument("--source", required=True,
+                   help="an image folder (flat or one subfolder per class) or a .zip of one, or 'cifar10'")
     p.add_argument("--root", help="CIFAR-10's root folder (with --source cifar10)")
     p.add_argument("--split", default="train", help="CIFAR-10 split: train or test (default train)")
     p.add_argument("--out", required=True, help="folder to create")

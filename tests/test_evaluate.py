@@ -252,6 +252,14 @@ def test_folders_are_read_like_training_data_at_one_resolution(tmp_path, capsys)
     assert "protocol: 70 vs 72 images, both at 48x48" in out  # the first folder's first image's short side
     protocol = json.loads(out_json.read_text())["protocol"]
     assert protocol["resolution"] == 48 and (protocol["num_input1"], protocol["num_input2"]) == (70, 72)
+    fid = json.loads(out_json.read_text())["metrics"]["fid"]
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "b.zip", "w") as z:  # the same images in a zip archive: the same FID
+        for p in (tmp_path / "b").iterdir():
+            z.write(p, f"b/{p.name}")
+    assert evaluate_main([*args[:2], str(tmp_path / "b.zip"), *args[3:], "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["metrics"]["fid"] == fid
     assert evaluate_main([*args, "--resolution", "16", "--json", str(out_json)]) == 0
     assert "both at 16x16" in capsys.readouterr().out and json.loads(out_json.read_text())["protocol"][
         "resolution"] == 16

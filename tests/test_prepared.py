@@ -263,3 +263,53 @@ def test_ctrl_c_stops_every_worker_with_one_line_and_leaves_nothing(tmp_path):
     assert err.strip().splitlines()[-1] == "sagan prepare: interrupted", err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+
+
+def _zip(folder, archive, replace: dict | None = None) -> None:
+    """``folder`` zipped as a zip tool would: inside a wrapper folder of its name, with macOS's __MACOSX twins and a
+    NAS's thumbnails; half the members deflated, half stored (as most zips of JPEGs are)."""
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w") as z:
+        for i, p in enumerate(sorted(folder.rglob("*.png"))):
+            name = f"{folder.name}/{p.relative_to(folder).as_posix()}"
+            data = (replace or {}).get(p.name, p.read_bytes())
+            z.writestr(name, data, zipfile.ZIP_DEFLATED if i % 2 else zipfile.ZIP_STORED)
+            z.writestr(f"__MACOSX/{name.rpartition('/')[0]}/._{p.name}", b"\x00\x05\x16\x07 AppleDouble")
+        z.writestr(f"{folder.name}/cat/@eaDir/img_000.png/SYNOFILE_THUMB_S.png", (folder / "cat/img_000.png").read_bytes())
+        z.writestr(f"{folder.name}/notes.txt", b"not an image")
+
+
+def test_a_zip_archive_of_a_folder_trains_and_prepares_as_the_folder(class_folder, tmp_path, capsys):
+    """data.root (and sagan prepare --source) may be a .zip of an image folder, read in place: the same classes,
+    pixels and training batches (DataLoader workers each open the archive) as the unpacked folder."""
+    archive = tmp_path / "classes.zip"
+    _zip(class_folder, archive)
+    kw = dict(resolution=32, batch_size=4, hflip=True)
+    folder, zipped = SAGANData("folder", root=str(class_folder), **kw), SAGANData("folder", root=str(archive), **kw)
+    assert zipped.classes == folder.classes == ["cat", "dog"]  # the wrapper folder is not a class
+    xf, yf = _images(folder.build_dataset())
+    xz, yz = _images(zipped.build_dataset())
+    assert torch.equal(xf, xz) and torch.equal(yf, yz)
+    from_folder = _fit_batches(SAGANData("folder", root=str(class_folder), num_workers=2, **kw), tmp_path / "a")
+    from_zip = _fit_batches(SAGANData("folder", root=str(archive), num_workers=2, **kw), tmp_path / "b")
+    assert len(from_zip) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(from_folder, from_zip, strict=True))
+    m = prepare(str(archive), tmp_path / "prep", resolution=32, workers=2, progress=False)
+    assert m["classes"] == ["cat", "dog"]
+    assert torch.equal(_images(SAGANData("prepared", root=str(tmp_path / "prep"), resolution=32).build_dataset())[0], xf)
+
+    # the fingerprint (cached reference statistics) follows the members' bytes, not the archive's date
+    _zip(class_folder, tmp_path / "again.zip")
+    assert SAGANData("folder", root=str(tmp_path / "again.zip"), **kw).fingerprint() == zipped.fingerprint()
+    other = (class_folder / "dog/img_003.png").read_bytes()
+    _zip(class_folder, tmp_path / "changed.zip", replace={"img_003.png": other})
+    assert SAGANData("folder", root=str(tmp_path / "changed.zip"), **kw).fingerprint() != zipped.fingerprint()
+
+    # a broken member is named inside its archive; a file that is no zip is named with the fix
+    _zip(class_folder, tmp_path / "broken.zip", replace={"img_005.png": b"not an image at all"})
+    with pytest.raises(DataError, match=r"cannot read image '.*broken\.zip/classes/cat/img_005\.png' "
+                                        r"\(UnidentifiedImageError: not an image format"):
+        _images(SAGANData("folder", root=str(tmp_path / "broken.zip"), **kw).build_dataset())
+    (tmp_path / "set.tar").write_bytes(b"\x00" * 1024)
+    with pytest.raises(DataError, match=r"'.*set\.tar' is a file but not a zip archive: unpack it"):
+        SAGANData("folder", root=str(tmp_path / "set.tar"), **kw)
