@@ -192,11 +192,13 @@ def _zip_images(root: Path) -> list[tuple[list[str], ZipMember]]:
         with zipfile.ZipFile(root) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
     except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"cannot read zip archive {str(root)!r} ({e}): replace it, or unpack it into a folder") from None
+        raise DataError(f"cannot read zip archive {str(root)!r} ({e}): replace it, or unpack it into a "
+                        "folder") from None
     files = []
+    looks_like_image = IMG_EXTENSIONS + UNREAD_IMAGE_EXTENSIONS
     for i in infos:
         *folders, name = i.filename.split("/")
-        if all(_kept_folder(d) for d in folders) and Path(name).suffix.lower() in IMG_EXTENSIONS + UNREAD_IMAGE_EXTENSIONS:
+        if all(_kept_folder(d) for d in folders) and Path(name).suffix.lower() in looks_like_image:
             files.append((folders, ZipMember(root, i.filename, i.file_size, i.CRC)))
     while files and all(folders for folders, _ in files) and len({folders[0] for folders, _ in files}) == 1:
         files = [(folders[1:], m) for folders, m in files]
@@ -622,8 +624,9 @@ class SAGANData(pl.LightningDataModule):
         """A short hash of what the images of ``split`` are made from, and how: changes when the data does.
 
         Digits: the pixel values. Folders: every file's relative path, size and modification time (in a zip archive,
-        size and CRC-32). CIFAR-10: the same for its batch files. Prepared sets: the manifest's fingerprint (of its source and how it was made).
-        Plus data set, split, resolution and channels, and ``background`` where it is not black.
+        size and CRC-32). CIFAR-10: the same for its batch files. Prepared sets: the manifest's fingerprint (of its
+        source and how it was made). Plus data set, split, resolution and channels, and ``background`` where it is
+        not black.
         """
         h = hashlib.sha256(f"{self.dataset}|{split}|{self.resolution}|{self.channels}".encode())
         if self.dataset == "prepared":

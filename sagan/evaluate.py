@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="checkpoint written by 'sagan fit'")
-    src.add_argument("--folders", nargs=2, metavar=("FIRST", "SECOND"), help="compare two image folders (or zips of them)")
+    src.add_argument("--folders", nargs=2, metavar=("FIRST", "SECOND"),
+                     help="compare two image folders (or zips of them)")
     p.add_argument("--config", help="YAML whose data: section replaces the checkpoint's data settings")
     p.add_argument("--data-root", help="override data.root (e.g. the data set lives elsewhere on this machine)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")

@@ -230,7 +230,8 @@ def test_evaluate_two_folders(tmp_path, capsys):
 
 def test_folders_are_read_like_training_data_at_one_resolution(tmp_path, capsys):
     """Folders of mixed sizes and formats (a scraped set; a generator's samples beside real photos), with the
-    __MACOSX junk a zip made on a Mac unpacks with and a NAS's thumbnail folders, compare at one resolution; an unreadable file is named."""
+    __MACOSX junk a zip made on a Mac unpacks with and a NAS's thumbnail folders, compare at one resolution; an
+    unreadable file is named."""
     from PIL import Image
 
     write_images(tmp_path / "a" / "x", 40, size=48, seed=1)

@@ -276,7 +276,8 @@ def _zip(folder, archive, replace: dict | None = None) -> None:
             data = (replace or {}).get(p.name, p.read_bytes())
             z.writestr(name, data, zipfile.ZIP_DEFLATED if i % 2 else zipfile.ZIP_STORED)
             z.writestr(f"__MACOSX/{name.rpartition('/')[0]}/._{p.name}", b"\x00\x05\x16\x07 AppleDouble")
-        z.writestr(f"{folder.name}/cat/@eaDir/img_000.png/SYNOFILE_THUMB_S.png", (folder / "cat/img_000.png").read_bytes())
+        z.writestr(f"{folder.name}/cat/@eaDir/img_000.png/SYNOFILE_THUMB_S.png",
+                   (folder / "cat/img_000.png").read_bytes())
         z.writestr(f"{folder.name}/notes.txt", b"not an image")
 
 
@@ -296,7 +297,8 @@ def test_a_zip_archive_of_a_folder_trains_and_prepares_as_the_folder(class_folde
     assert len(from_zip) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(from_folder, from_zip, strict=True))
     m = prepare(str(archive), tmp_path / "prep", resolution=32, workers=2, progress=False)
     assert m["classes"] == ["cat", "dog"]
-    assert torch.equal(_images(SAGANData("prepared", root=str(tmp_path / "prep"), resolution=32).build_dataset())[0], xf)
+    prepared = SAGANData("prepared", root=str(tmp_path / "prep"), resolution=32).build_dataset()
+    assert torch.equal(_images(prepared)[0], xf)
 
     # the fingerprint (cached reference statistics) follows the members' bytes, not the archive's date
     _zip(class_folder, tmp_path / "again.zip")
