@@ -89,20 +89,28 @@ def images_to_digits(images: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ image folder
-def _images_among(paths: Iterable[Path], unread: dict[str, int]) -> list[Path]:
-    """The readable image files among ``paths``, sorted; files that look like images but are not read (HEIC,
-    RAW, SVG, ...) are counted into ``unread`` by extension instead (one pass over the folder for both)."""
+def _images_among(files: Iterable[Any], unread: dict[str, int]) -> list[Any]:
+    """The readable images among ``files`` (``Path`` or :class:`ZipMember`, never folders), sorted; files that look
+    like images but are not read (HEIC, RAW, SVG, ...) are counted into ``unread`` by extension instead (one pass
+    over the folder for both)."""
     found = []
-    for p in paths:
+    for p in files:
         ext = p.suffix.lower()
         if p.name.startswith("."):
             continue
         if ext in IMG_EXTENSIONS:
-            if p.is_file():
-                found.append(p)
+            found.append(p)
         elif ext in UNREAD_IMAGE_EXTENSIONS:
             unread[ext] = unread.get(ext, 0) + 1
-    return sorted(found)
+    # Path order, by parts, with each key made once: Path's own comparison is a Python call per comparison
+    return sorted(found, key=lambda p: p.parts if isinstance(p, Path) else (p.archive.parts, p.member))
+
+
+def _files_in(folder: Path) -> list[Path]:
+    """The files directly in ``folder``, from its directory entries: no file is stat'ed (on NFS or Lustre, a
+    network round trip each) but symbolic links, which are followed."""
+    with os.scandir(folder) as entries:
+        return [Path(e.path) for e in entries if e.is_file()]
 
 
 # Folders that tools put beside or inside image folders and that are never a class or training images: macOS's
@@ -116,7 +124,8 @@ def _kept_folder(name: str) -> bool:
 
 
 def _files_below(folder: Path) -> Iterable[Path]:
-    """Every file below ``folder``, not descending into the folders :func:`_kept_folder` leaves out."""
+    """Every file below ``folder`` (from the directory entries alone: nothing is stat'ed), not descending into
+    the folders :func:`_kept_folder` leaves out."""
     for here, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if _kept_folder(d)]  # pruned in place: os.walk does not descend into them
         yield from (Path(here) / f for f in files)
@@ -149,9 +158,6 @@ class ZipMember:
     @property
     def suffix(self) -> str:
         return Path(self.name).suffix
-
-    def is_file(self) -> bool:
-        return True
 
     def read(self) -> bytes:
         return _zip_handle(self.archive).read(self.member)
@@ -246,7 +252,8 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path | ZipMem
         loose = _images_among(loose, {} if per_class else unread)
         _warn_unread(root, unread)
         return _labelled_or_flat(root, {c: f for c, f in per_class.items() if f}, loose)
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _kept_folder(p.name))
+    with os.scandir(root) as entries:  # from the entries: a flat folder of 200,000 images is not stat'ed
+        subdirs = sorted(Path(e.path) for e in entries if _kept_folder(e.name) and e.is_dir())
     if subdirs:
         per_class = {d.name: _images_among(_files_below(d), unread) for d in subdirs}
         _warn_unread(root, unread)
@@ -256,8 +263,8 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[tuple[Path | ZipMem
                     f"class folder {str(d)!r} has no images ({', '.join(IMG_EXTENSIONS)}): add images to it or "
                     "remove it, since every subfolder of data.root is a class"
                 )
-        return _labelled_or_flat(root, per_class, _images_among(root.iterdir(), {}))
-    loose = _images_among(root.iterdir(), unread)
+        return _labelled_or_flat(root, per_class, _images_among(_files_in(root), {}))
+    loose = _images_among(_files_in(root), unread)
     _warn_unread(root, unread)
     return _labelled_or_flat(root, {}, loose)
 

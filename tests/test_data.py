@@ -316,3 +316,19 @@ def test_class_counts_of_every_kind_of_labelled_set(tmp_path):
     assert SAGANData("folder", root=str(tmp_path / "flat"), resolution=32).class_counts() is None
     with pytest.raises(ConfigError, match="has no split 'test'"):
         folder.class_counts("test")
+
+
+def test_a_scan_stats_no_image_file(tmp_path, monkeypatch):
+    """The scan reads directory entries only: on NFS or Lustre each stat is a network round trip, and every rank
+    scans, so a stat per image would make a 1.28M-image folder take minutes to start."""
+    import pathlib
+
+    write_images(tmp_path / "flat", 30, size=8)
+    for cls in ("cat", "dog"):
+        write_images(tmp_path / "classes" / cls / "sub", 15, size=8)
+    calls = []
+    stat = pathlib.Path.stat
+    monkeypatch.setattr(pathlib.Path, "stat", lambda self, **kw: calls.append(self) or stat(self, **kw))
+    assert len(scan_image_folder(tmp_path / "flat")[0]) == 30
+    assert len(scan_image_folder(tmp_path / "classes")[0]) == 30
+    assert len(calls) <= 6, calls  # the roots', not the images'
