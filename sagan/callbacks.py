@@ -330,7 +330,7 @@ class FIDEvaluation(pl.Callback):
         self._evaluator.load_reference(
             dm.build_dataset(self.ref_split), num_classes=dm.num_classes,
             cache_name=dm.reference_cache_name(self.ref_split, spec.weights_sha256), cache_root=self.cache_root,
-            num_workers=getattr(dm, "num_workers", 0),
+            num_workers=dm.workers(trainer.world_size) if hasattr(dm, "workers") else 0,  # None: automatic
         )
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:

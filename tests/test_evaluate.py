@@ -41,6 +41,18 @@ def test_in_loop_fid_is_logged_and_best_checkpoint_kept(digits_run):
     assert len(list(cache.glob("*.pt"))) >= 1  # reference statistics cached on disk
 
 
+def test_in_loop_fid_on_an_image_folder_with_automatic_workers(tmp_path, capsys):
+    """The image-folder configs leave data.num_workers unset (automatic); the in-loop reference pass passed that
+    None to its DataLoader and every such fit with FID on ended at its start."""
+    for cls in ("cat", "dog"):
+        write_images(tmp_path / "pets" / cls, 40, size=32, seed=len(cls))
+    args = ["fit", "--config", str(REPO / "configs/folder32.yaml"), "--data.root", str(tmp_path / "pets"),
+            "--output_root", str(tmp_path), "--experiment", "f", *TINY, "--data.batch_size", "8",
+            "--trainer.max_steps", "4", "--samples.every_n_steps", "0", "--fid.every_n_steps", "2",
+            "--fid.num_samples", "64", "--fid.feature_extractor", "digits-mlp", "--fid.cache_root", str(tmp_path)]
+    assert run_cli(args) == 0
+    assert "[iteration 2] val/fid=" in capsys.readouterr().out
+
 def test_in_loop_line_names_the_least_varied_classes(tmp_path, capsys):
     """The console line of each in-loop evaluation ends with the three classes of lowest spread, lowest first; the
     first of them is the class whose spread is val/spread_min."""
