@@ -332,6 +332,10 @@ class FIDEvaluation(pl.Callback):
             cache_name=dm.reference_cache_name(self.ref_split, spec.weights_sha256), cache_root=self.cache_root,
             num_workers=dm.workers(trainer.world_size) if hasattr(dm, "workers") else 0,  # None: automatic
         )
+        # too few images for the metrics: say so now, not at the first evaluation, perhaps hours into the run
+        self._evaluator._check(self.num_samples, advice=(
+            "raise --fid.num_samples to at least {dim} (the generated set), train on at least {dim} images (the "
+            "reference is the training set), or choose a smaller --fid.fid_layer"))
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics of the EMA generator; every rank takes part and gets the same values."""

@@ -719,11 +719,13 @@ class Evaluator:
         result.protocol.update(num_images=len(dataset))
         return result
 
-    def _check(self, n: int) -> None:
+    def _check(self, n: int, advice: str | None = None) -> None:
+        """Refuse ``n`` generated images (or the loaded reference) when they are too few for the metrics;
+        ``advice`` (with ``{dim}``, the number needed) replaces the advice in ``sagan evaluate``'s flags."""
         if self.reference is None and any(m != "isc" for m in self.names):
             raise MetricsError("load_reference() first: FID, KID and precision/recall compare with a reference set")
         _check_counts(self.names, self.layers, n, self.reference.count if self.reference else None,
-                      self.isc_splits, self.allow_few_samples)
+                      self.isc_splits, self.allow_few_samples, advice)
 
     def _score(self, feats: dict[str, Tensor], labels: Tensor, num_classes: int, seed: int) -> MetricsResult:
         from torch_fidelity.metric_fid import fid_statistics_to_metric
@@ -808,7 +810,8 @@ def count_images(inp: Any) -> int:
 
 
 def _check_counts(
-    names: list[str], layers: dict[str, str], n1: int, n2: int | None, splits: int, allow_few: bool
+    names: list[str], layers: dict[str, str], n1: int, n2: int | None, splits: int, allow_few: bool,
+    advice: str | None = None,
 ) -> None:
     for label, n in (("generated/first", n1), ("reference/second", n2)):
         if n is None:
@@ -818,10 +821,10 @@ def _check_counts(
         for m in ("fid", "kid", "prc"):
             dim = _layer_dim(layers.get(m, "")) if m in names else None
             if dim is not None and n < dim and not allow_few:
-                raise MetricsError(
-                    f"{m.upper()} on {dim}-dimensional features needs at least {dim} images per set, but the {label} "
-                    f"set has {n}: use more images (e.g. --num-samples {max(dim, 1000)}), a smaller feature layer, "
-                    "or accept a biased number with --allow-few-samples"
-                )
+                fix = advice.format(dim=dim) if advice else (
+                    f"use more images (e.g. --num-samples {max(dim, 1000)}), a smaller feature layer, or accept a "
+                    "biased number with --allow-few-samples")
+                raise MetricsError(f"{m.upper()} on {dim}-dimensional features needs at least {dim} images per set, "
+                                   f"but the {label} set has {n}: {fix}")
         if "isc" in names and label.startswith("generated") and n < splits:
             raise MetricsError(f"IS with {splits} splits needs at least {splits} images, got {n}")

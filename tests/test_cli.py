@@ -188,6 +188,16 @@ def test_settings_that_would_fail_mid_run_are_refused_before_it(tmp_path, capsys
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_too_few_images_for_in_loop_fid_are_refused_at_fit_start(tmp_path, capsys):
+    """FID on 64-d features from 10 samples was refused at the first evaluation (on the paper configs, iteration
+    5,000), naming sagan evaluate's flags; now before training, naming fit's."""
+    code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path), *TINY,
+                    "--trainer.max_steps", "4", "--fid.every_n_steps", "2", "--fid.num_samples", "10",
+                    "--fid.cache_root", str(tmp_path / "cache")])
+    assert code == 2
+    _one_line_error(capsys, "needs at least 64 images per set", "raise --fid.num_samples to at least 64")
+    assert not list(tmp_path.rglob("*.ckpt"))
+
 def test_unsupported_resolution_is_one_clear_error(tmp_path, capsys):
     code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
                     "--data.resolution", "48"])
