@@ -42,10 +42,12 @@ Sections:
             InceptionV3 of the same shapes is used: the same compute, so the same time.
   loader    images/s that the training loader serves (batch 64, uint8 batches as the training step receives them,
             shuffled, median over ``--batches`` after a warm-up epoch start) for an image folder (PIL decode +
-            resize per image, in worker processes) and for the same folder prepared once with ``sagan prepare``
+            resize per image, in worker processes), for a zip archive of the same files read in place, and for
+            the same folder prepared once with ``sagan prepare``
             (memory-mapped and in memory), per worker count; plus the time ``sagan prepare`` took and, in the same
             run, the training step's own images/s at that resolution (configs/celeba64.yaml, batch 64, eager fp32
-            on this device), so the table says whether training would wait for data.
+            on this device), so the table says whether training would wait for data, and the time a scan of the
+            folder and of the zip takes.
   decode    one JPEG photograph through the image-folder path's decoder (``sagan.data.ImageLoader``: a reduced-scale
             DCT decode, PIL's ``draft``) against the full decode and the same resize / crop, per source size
             (scikit-image's photographs, upscaled and saved at quality 92) and target resolution: ms per image
@@ -71,6 +73,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import shutil
@@ -78,6 +81,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from unittest import mock
 
@@ -679,7 +683,8 @@ def _loader_rate(dataset: str, root: str, res: int, workers: int, batches: int, 
         x, _ = next(it)
         n += x.shape[0]
     rate = n / (time.perf_counter() - t)
-    del it
+    del it, loader, dm
+    gc.collect()  # shut this loader's workers down here, not in a worker of the next loader that inherited it
     return rate
 
 
@@ -695,15 +700,30 @@ def bench_loader(root: str, res: int, workers: list[int], batches: int) -> list[
         t = time.perf_counter()
         prepare(root, Path(tmp) / "prep", resolution=res, workers=max(workers), progress=False)
         prep_s = time.perf_counter() - t
+        archive = Path(tmp) / "images.zip"  # the same files in a zip (stored: PNG and JPEG do not deflate)
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+            for f in sorted(Path(root).rglob("*")):
+                if f.is_file():
+                    z.write(f, f"{Path(root).name}/{f.relative_to(root).as_posix()}")
+        from sagan.data import scan_image_folder
+
+        scan_s = {}
+        for name, where in (("folder", root), ("zip", str(archive))):
+            t = time.perf_counter()
+            scan_image_folder(where)
+            scan_s[name] = time.perf_counter() - t
         results = []
-        for w in workers:
+        for w in workers:  # interleaved: the host's drift falls on both alike
             results.append(("folder", w, _loader_rate("folder", root, res, w, batches)))
+            print(results[-1], flush=True)
+            results.append(("zip of the folder", w, _loader_rate("folder", str(archive), res, w, batches)))
             print(results[-1], flush=True)
         for mem in (False, True):
             for w in workers:
                 results.append((f"prepared{' in memory' if mem else ''}", w,
                                 _loader_rate("prepared", str(Path(tmp) / "prep"), res, w, batches * 10, mem)))
                 print(results[-1], flush=True)
+    results.sort(key=lambda r: (["folder", "zip of the folder"].index(r[0]) if "prepared" not in r[0] else 2,))
     best_folder = max(r for p, _, r in results if p == "folder")
     for path, w, rate in results:
         rows.append(f"| {path} | {w} | {rate:,.0f} | {rate / best_folder:.1f}x |")
@@ -713,7 +733,7 @@ def bench_loader(root: str, res: int, workers: list[int], batches: int) -> list[
     step = json.loads(r.stdout.strip().splitlines()[-1])["images_s"] if r.returncode == 0 else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows += ["", f"`sagan prepare` of the folder: {prep_s:.1f} s ({n_files / prep_s:,.0f} images/s, "
-             f"{max(workers)} workers).",
+             f"{max(workers)} workers). Scan of the folder {scan_s['folder']:.2f} s, of the zip {scan_s['zip']:.2f} s.",
              f"Training step on {device} ({res}x{res}, configs/celeba64.yaml, batch 64, eager fp32): "
              + (f"{step:,.3g} images/s." if step else f"failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")]
     return rows

@@ -15,6 +15,7 @@ class vary in position, scale and content.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,11 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle", "hubb
 
 
 def _photo(name: str) -> Image.Image:
-    from skimage import data
+    try:
+        from skimage import data
+    except ImportError:
+        sys.exit("make_photo_patches.py: error: this script reads the photographs shipped in scikit-image, which "
+                 "is not installed (it is no dependency of sagan): .venv/bin/pip install scikit-image")
 
     arr = getattr(data, name)()
     arr = arr[0] if isinstance(arr, tuple) else arr  # stereo_motorcycle: (left, right, disparity)
