@@ -683,7 +683,8 @@ def _loader_rate(dataset: str, root: str, res: int, workers: int, batches: int, 
         x, _ = next(it)
         n += x.shape[0]
     rate = n / (time.perf_counter() - t)
-    del it, loader, dm
+    del it
+    loader = dm = None  # noqa: F841 - drops the last references (the generator's cell)
     gc.collect()  # shut this loader's workers down here, not in a worker of the next loader that inherited it
     return rate
 

@@ -312,6 +312,32 @@ def test_a_zip_archive_of_a_folder_trains_and_prepares_as_the_folder(class_folde
     with pytest.raises(DataError, match=r"cannot read image '.*broken\.zip/classes/cat/img_005\.png' "
                                         r"\(UnidentifiedImageError: not an image format"):
         _images(SAGANData("folder", root=str(tmp_path / "broken.zip"), **kw).build_dataset())
+    # members read straight from the archive (stored, deflated) or through zipfile (bzip2, lzma): the same pixels;
+    # flipped bytes in a deflated member are named, not decoded into a wrong image
+    import zipfile
+
+    from sagan.data import ImageLoader, scan_image_folder
+
+    cats = sorted((class_folder / "cat").glob("*.png"))[:4]
+    methods = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+    with zipfile.ZipFile(tmp_path / "methods.zip", "w") as z:
+        for p, method in zip(cats, methods, strict=True):
+            info = zipfile.ZipInfo(p.name)
+            info.compress_type = method
+            info.extra = b"UT\x05\x00\x01" + bytes(4)  # a timestamp field, as Info-ZIP and macOS write
+            z.writestr(info, p.read_bytes())
+    loader = ImageLoader(32, 3)
+    members = [m for m, _ in scan_image_folder(tmp_path / "methods.zip")[0]]
+    assert all(np.array_equal(loader(m), loader(p)) for m, p in zip(members, cats, strict=True))
+    raw = bytearray((tmp_path / "methods.zip").read_bytes())
+    deflated = members[1]
+    start = deflated.offset + 30 + len(deflated.member) + 9  # the deflate stream
+    for at, says in ((40, "BadZipFile: bad CRC-32"), (0, "error: Error -3 while decompressing")):
+        flipped = bytearray(raw)
+        flipped[start + at] ^= 0xFF
+        (tmp_path / "flipped.zip").write_bytes(bytes(flipped))
+        with pytest.raises(DataError, match=rf"flipped\.zip/img_001\.png' \({says}"):
+            loader(scan_image_folder(tmp_path / "flipped.zip")[0][1][0])
     (tmp_path / "set.tar").write_bytes(b"\x00" * 1024)
     with pytest.raises(DataError, match=r"'.*set\.tar' is a file but not a zip archive: unpack it"):
         SAGANData("folder", root=str(tmp_path / "set.tar"), **kw)
