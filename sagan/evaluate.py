@@ -115,6 +115,12 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
         raise MetricsError(f"--num-samples must be a positive integer, got {a.num_samples}")
     ckpt = load_checkpoint(a.ckpt)
     dm = _datamodule(ckpt, a.config, a.data_root)
+    held_out = [s for s in dm.splits if s != a.ref_split]
+    if a.floor and not held_out:  # said before the generating and the feature extraction, not after
+        raise SaganError(
+            f"--floor needs a held-out split, and data set {dm.dataset!r} has only {list(dm.splits)}"
+            + (": for a floor, compare two disjoint folders of real images with --folders A B"
+               if dm.dataset in ("folder", "prepared") else ""))
     device = _device(a.device)
     g = generator_from_checkpoint(ckpt, ema=not a.no_ema, device=device)
     if (g.resolution, g.img_channels) != (dm.resolution, dm.channels):
@@ -151,9 +157,6 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     if per_class:
         out["spread_per_class"] = per_class
     if a.floor:
-        held_out = [s for s in dm.splits if s != a.ref_split]
-        if not held_out:
-            raise SaganError(f"--floor needs a held-out split, and data set {dm.dataset!r} has only {list(dm.splits)}")
         real = dm.build_dataset(held_out[0])
         floor = ev.images(real, num_classes=dm.num_classes, seed=a.seed, num_workers=a.num_workers)
         rows[f"real {held_out[0]} (floor)"] = floor.values

@@ -41,7 +41,7 @@ def test_in_loop_fid_is_logged_and_best_checkpoint_kept(digits_run):
     assert len(list(cache.glob("*.pt"))) >= 1  # reference statistics cached on disk
 
 
-def test_in_loop_fid_on_an_image_folder_with_automatic_workers(tmp_path, capsys):
+def test_in_loop_fid_on_an_image_folder_with_automatic_workers_and_no_floor_split(tmp_path, capsys):
     """The image-folder configs leave data.num_workers unset (automatic); the in-loop reference pass passed that
     None to its DataLoader and every such fit with FID on ended at its start."""
     for cls in ("cat", "dog"):
@@ -52,6 +52,13 @@ def test_in_loop_fid_on_an_image_folder_with_automatic_workers(tmp_path, capsys)
             "--fid.num_samples", "64", "--fid.feature_extractor", "digits-mlp", "--fid.cache_root", str(tmp_path)]
     assert run_cli(args) == 0
     assert "[iteration 2] val/fid=" in capsys.readouterr().out
+    # a folder has no held-out split: --floor says so before generating anything, and what to do instead
+    ckpt = str(tmp_path / "f" / "checkpoints" / "last.ckpt")
+    assert evaluate_main(["--ckpt", ckpt, "--floor", "--feature-extractor", "digits-mlp", "--num-samples", "64",
+                          "--cache-root", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "--floor needs a held-out split" in captured.err and "--folders A B" in captured.err
+    assert "generating" not in captured.out + captured.err
 
 def test_in_loop_line_names_the_least_varied_classes(tmp_path, capsys):
     """The console line of each in-loop evaluation ends with the three classes of lowest spread, lowest first; the
