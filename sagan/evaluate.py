@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-layer", help="feature layer for FID/KID (default: the extractor's, 2048 for Inception)")
     p.add_argument("--ref-split", default="train", help="reference split of the training data (default train)")
     p.add_argument("--floor", action="store_true",
-                   help="also score the held-out real split against the reference: the best a model can do")
+                   help="also score the held-out real split against the reference: the best a model can do "
+                        "(a set without one, an image folder: two random halves, one the floor, one the reference)")
     p.add_argument("--allow-few-samples", action="store_true",
                    help="compute FID/KID even on fewer images than feature dimensions (biased; noted in the protocol)")
     p.add_argument("--seed", type=int, default=0)
@@ -116,11 +117,6 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     ckpt = load_checkpoint(a.ckpt)
     dm = _datamodule(ckpt, a.config, a.data_root)
     held_out = [s for s in dm.splits if s != a.ref_split]
-    if a.floor and not held_out:  # said before the generating and the feature extraction, not after
-        raise SaganError(
-            f"--floor needs a held-out split, and data set {dm.dataset!r} has only {list(dm.splits)}"
-            + (": for a floor, compare two disjoint folders of real images with --folders A B"
-               if dm.dataset in ("folder", "prepared") else ""))
     device = _device(a.device)
     g = generator_from_checkpoint(ckpt, ema=not a.no_ema, device=device)
     if (g.resolution, g.img_channels) != (dm.resolution, dm.channels):
@@ -136,8 +132,14 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     ev = Evaluator(spec, a.metrics, a.fid_layer, device=device, batch_size=a.batch_size,
                    allow_few_samples=a.allow_few_samples, progress=True)
     reference = dm.build_dataset(a.ref_split)
-    ev.load_reference(reference, num_classes=dm.num_classes, cache_name=dm.reference_cache_name(a.ref_split, spec.weights_sha256),
-                      cache_root=a.cache_root, num_workers=a.num_workers)
+    cache_name = dm.reference_cache_name(a.ref_split, spec.weights_sha256)
+    halves = a.floor and not held_out
+    if halves:  # no held-out split (an image folder): one half of the images is the floor, the other the reference
+        real, reference = _split_halves(reference, a.seed)
+        cache_name += f"-half{a.seed}"
+    ev.load_reference(reference, num_classes=dm.num_classes, cache_name=cache_name, cache_root=a.cache_root,
+                      num_workers=a.num_workers)
+    ref_name = f"{a.ref_split}, a random half (seed {a.seed})" if halves else a.ref_split
     label = "generated (EMA)" if not a.no_ema else "generated (raw G)"
     res = ev.generator(g, a.num_samples, seed=a.seed)
     rows = {label: res.values}
@@ -148,7 +150,7 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
         ema=not a.no_ema,
         num_generated=a.num_samples,
         num_reference=ev.reference.count,
-        reference={"dataset": dm.dataset, "root": dm.root, "split": a.ref_split, "resolution": dm.resolution,
+        reference={"dataset": dm.dataset, "root": dm.root, "split": ref_name, "resolution": dm.resolution,
                    "channels": dm.channels, "fingerprint": dm.fingerprint(a.ref_split)},
     )
     out: dict[str, Any] = {"metrics": res.values, "protocol": protocol}
@@ -157,10 +159,12 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     if per_class:
         out["spread_per_class"] = per_class
     if a.floor:
-        real = dm.build_dataset(held_out[0])
+        floor_name = f"the other half of {a.ref_split}" if halves else held_out[0]
+        if not halves:
+            real = dm.build_dataset(held_out[0])
         floor = ev.images(real, num_classes=dm.num_classes, seed=a.seed, num_workers=a.num_workers)
-        rows[f"real {held_out[0]} (floor)"] = floor.values
-        out["floor"] = {"metrics": floor.values, "split": held_out[0], "num_images": len(real)}
+        rows[f"real {'half' if halves else held_out[0]} (floor)"] = floor.values
+        out["floor"] = {"metrics": floor.values, "split": floor_name, "num_images": len(real)}
         if len(real) < a.num_samples:
             matched = _matched_draws(ev, g, len(real), a.seed)
             rows[f"generated, {len(real)} (x{MATCHED_DRAWS})"] = matched
@@ -168,7 +172,7 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
                                                     "draws": MATCHED_DRAWS}
     if rank == 0:
         print(_table(rows))
-        print(f"protocol: {a.num_samples} generated vs {ev.reference.count} reference images ({dm.dataset}/{a.ref_split}, "
+        print(f"protocol: {a.num_samples} generated vs {ev.reference.count} reference images ({dm.dataset}/{ref_name}, "
               f"{dm.resolution}px), features {spec.name} (weights sha256 {spec.weights_sha256}), seed {a.seed}"
               + (f", {world} processes" if world > 1 else ""))
         if "fid" in res.values and a.floor:
@@ -184,6 +188,32 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
             print(f"least varied classes (spread, generated over real): {least_varied(per_class)}")
     json_path = Path(a.json) if a.json else Path(a.ckpt).with_suffix(".metrics.json")
     return out | {"_json": json_path if rank == 0 else None}
+
+
+def _split_halves(dataset: Any, seed: int) -> tuple[Any, Any]:
+    """Two disjoint random halves of ``dataset`` (seeded), for a floor on a set without a held-out split: the real
+    images of one half are scored against the other as the generator is, so the floor and the model share one
+    reference and neither is scored against images it contains. Classes are split in proportion (per class)."""
+    from torch.utils.data import Subset
+
+    labels = _labels_of(dataset)
+    g = torch.Generator().manual_seed(seed)
+    first, second = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)].tolist()
+        first += idx[: len(idx) // 2]
+        second += idx[len(idx) // 2:]
+    return Subset(dataset, sorted(first)), Subset(dataset, sorted(second))
+
+
+def _labels_of(dataset: Any) -> torch.Tensor:
+    """The class label of every item, without decoding an image where the data set keeps its labels."""
+    if hasattr(dataset, "samples"):  # ImageFolderDataset: (path, label) pairs
+        return torch.tensor([label for _, label in dataset.samples], dtype=torch.long)
+    if hasattr(dataset, "labels"):  # PreparedDataset
+        return torch.as_tensor(dataset.labels, dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
 def _matched_draws(ev: Any, g: torch.nn.Module, n: int, seed: int) -> dict[str, float]:

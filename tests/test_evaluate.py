@@ -41,24 +41,34 @@ def test_in_loop_fid_is_logged_and_best_checkpoint_kept(digits_run):
     assert len(list(cache.glob("*.pt"))) >= 1  # reference statistics cached on disk
 
 
-def test_in_loop_fid_on_an_image_folder_with_automatic_workers_and_no_floor_split(tmp_path, capsys):
+def test_in_loop_fid_and_the_floor_on_an_image_folder(tmp_path, capsys):
     """The image-folder configs leave data.num_workers unset (automatic); the in-loop reference pass passed that
-    None to its DataLoader and every such fit with FID on ended at its start."""
+    None to its DataLoader and every such fit with FID on ended at its start. `sagan evaluate --floor` on a folder
+    (no held-out split) was an error after all the work; it now splits the images in two halves."""
     for cls in ("cat", "dog"):
-        write_images(tmp_path / "pets" / cls, 40, size=32, seed=len(cls))
+        write_images(tmp_path / "pets" / cls, 70, size=32, seed=len(cls))
     args = ["fit", "--config", str(REPO / "configs/folder32.yaml"), "--data.root", str(tmp_path / "pets"),
             "--output_root", str(tmp_path), "--experiment", "f", *TINY, "--data.batch_size", "8",
             "--trainer.max_steps", "4", "--samples.every_n_steps", "0", "--fid.every_n_steps", "2",
             "--fid.num_samples", "64", "--fid.feature_extractor", "digits-mlp", "--fid.cache_root", str(tmp_path)]
     assert run_cli(args) == 0
     assert "[iteration 2] val/fid=" in capsys.readouterr().out
-    # a folder has no held-out split: --floor says so before generating anything, and what to do instead
+    # a folder has no held-out split: --floor scores one random half of it against the other, and the model too
     ckpt = str(tmp_path / "f" / "checkpoints" / "last.ckpt")
     assert evaluate_main(["--ckpt", ckpt, "--floor", "--feature-extractor", "digits-mlp", "--num-samples", "64",
-                          "--cache-root", str(tmp_path)]) == 2
-    captured = capsys.readouterr()
-    assert "--floor needs a held-out split" in captured.err and "--folders A B" in captured.err
-    assert "generating" not in captured.out + captured.err
+                          "--cache-root", str(tmp_path), "--json", str(tmp_path / "f.json")]) == 0
+    assert "FID = " in capsys.readouterr().out
+    out = json.loads((tmp_path / "f.json").read_text())
+    assert out["floor"]["num_images"] == out["protocol"]["num_reference"] == 70
+    assert "random half" in out["protocol"]["reference"]["split"]
+    from sagan.data import SAGANData
+    from sagan.evaluate import _split_halves
+
+    ds = SAGANData("folder", root=str(tmp_path / "pets"), resolution=32).build_dataset()
+    first, second = _split_halves(ds, seed=0)
+    assert not set(first.indices) & set(second.indices) and len(first) + len(second) == len(ds)
+    assert [ds.samples[i][1] for i in first.indices].count(0) == 35  # each class split in half
+    assert _split_halves(ds, seed=1)[0].indices != first.indices
 
 def test_in_loop_line_names_the_least_varied_classes(tmp_path, capsys):
     """The console line of each in-loop evaluation ends with the three classes of lowest spread, lowest first; the
