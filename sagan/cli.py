@@ -32,8 +32,8 @@ from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
 from .callbacks import (AttentionMaps, FastMath, FIDEvaluation, LoaderMonitor, RunSummary, SampleGrid,
                         WandbDashboard, wandb_loggers)
 from .data import SAGANData
-from .errors import (ConfigError, SaganError, SaganWarning, did_you_mean, disk_full_message, is_disk_full,
-                     option_keys)
+from .errors import (ConfigError, RankWarning, SaganError, SaganWarning, did_you_mean, disk_full_message,
+                     is_disk_full, option_keys)
 from .module import SAGAN
 from .progress import LineProgress, interactive
 from .strategy import GANDDPStrategy
@@ -416,7 +416,10 @@ def _one_line_sagan_warnings() -> None:
         if issubclass(category, SaganWarning):
             from lightning_fabric.utilities.rank_zero import rank_zero_only  # rank set from the environment on import
 
-            return "" if getattr(rank_zero_only, "rank", 0) else f"sagan: warning: {message}\n"
+            rank = getattr(rank_zero_only, "rank", 0)
+            if issubclass(category, RankWarning):
+                return f"sagan: warning: {f'[rank {rank}] ' if rank else ''}{message}\n"
+            return "" if rank else f"sagan: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
     formatwarning.sagan = True  # type: ignore[attr-defined]

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 from torchvision import transforms
 
-from .errors import ConfigError, DataError, SaganWarning
+from .errors import ConfigError, DataError, RankWarning, SaganWarning
 from .models import check_resolution
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".tif", ".tiff", ".webp",
@@ -430,7 +430,7 @@ class ImageFolderDataset(Dataset):
                     raise
                 self.skipped.add(path)
                 warnings.warn(f"skipping unreadable image {str(path)!r}; {len(self.skipped)} skipped so far",
-                              SaganWarning, stacklevel=2)
+                              RankWarning, stacklevel=2)
         raise DataError(f"no image of the folder could be read ({len(self.skipped)} unreadable files)")
 
 

@@ -27,7 +27,13 @@ class CheckpointError(SaganError):
 
 class SaganWarning(UserWarning):
     """Something the user may want to change (a setting that does nothing, files left out); the CLI prints it as
-    one line, ``sagan: warning: ...``, without the source location Python's default format adds."""
+    one line, ``sagan: warning: ...``, without the source location Python's default format adds. Under DDP every
+    process makes the same checks, so only global rank 0 prints these."""
+
+
+class RankWarning(SaganWarning):
+    """A :class:`SaganWarning` about what one process alone met (an image its shard could not read): every rank
+    prints its own, as ``sagan: warning: [rank N] ...`` on ranks other than 0."""
 
 
 def option_keys(parser: argparse.ArgumentParser) -> set[str]:

@@ -329,6 +329,26 @@ def test_ddp_trainer_preset_stacks_on_an_experiment(capsys):
     assert printed["trainer"]["sync_batchnorm"] is True and printed["model"]["n_dis"] == 5
 
 
+def test_warnings_print_once_per_job_but_what_one_rank_met_on_every_rank(monkeypatch):
+    """Under DDP every process makes the same checks: rank 0 alone prints them (test_ddp counts the lines of a
+    2-process fit). An image that one rank's shard could not read is that rank's alone: every rank prints it."""
+    import warnings
+
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    from sagan.cli import _one_line_sagan_warnings
+    from sagan.errors import RankWarning, SaganWarning
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    _one_line_sagan_warnings()
+    fmt = warnings.formatwarning
+    for rank, same, own in ((0, "sagan: warning: setting x does nothing\n", "sagan: warning: skipping img.png\n"),
+                            (1, "", "sagan: warning: [rank 1] skipping img.png\n")):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        assert fmt("setting x does nothing", SaganWarning, "f.py", 1) == same
+        assert fmt("skipping img.png", RankWarning, "f.py", 1) == own
+    assert "f.py" in fmt("other", UserWarning, "f.py", 1)  # other packages' warnings keep their format
+
 def test_a_fit_prints_no_third_party_notices_a_user_cannot_act_on(tmp_path):
     """The demo's output, as a user sees it in a fresh process (W&B offline, the config's logger): none of the
     notices other packages print on every run (torch's LeafSpec deprecation met inside Lightning, Lightning's

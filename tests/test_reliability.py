@@ -279,6 +279,9 @@ def test_unreadable_images_skipped_and_counted_when_asked(tmp_path, recwarn):
     skipped = {str(w.message) for w in recwarn if "skipping unreadable image" in str(w.message)}
     assert any("img_002.png" in m for m in skipped) and any("img_007.png" in m for m in skipped)
     assert any("2 skipped so far" in m for m in skipped)
+    from sagan.errors import RankWarning  # what one rank's shard met: printed by every rank (test_cli)
+
+    assert all(w.category is RankWarning for w in recwarn if "skipping unreadable image" in str(w.message))
 
 
 def test_disk_full_while_writing_a_sample_grid_names_the_file(tmp_path, monkeypatch, capsys):
