@@ -251,9 +251,11 @@ def _labelled_or_flat(root: Path, per_class: dict[str, list[Any]], loose: list[A
                           SaganWarning, stacklevel=3)
         return [(f, label) for label, files in enumerate(per_class.values()) for f in files], classes
     if not loose:
+        archives = sorted(p.name for p in _files_in(root) if p.suffix.lower() == ".zip") if root.is_dir() else []
         raise DataError(
-            f"image folder {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)}): put images in it, "
-            "flat or one subfolder per class"
+            f"image folder {str(root)!r} holds no images ({', '.join(IMG_EXTENSIONS)}): "
+            + (f"it holds {archives[0]!r}: set the path of the archive itself, {str(root / archives[0])!r}"
+               if archives else "put images in it, flat or one subfolder per class")
         )
     return [(f, 0) for f in loose], []
 

@@ -250,8 +250,15 @@ def test_missing_folder_is_a_clear_error(tmp_path):
 
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="holds no images"):
+    with pytest.raises(DataError, match="holds no images .*: put images in it"):
         SAGANData("folder", root=str(tmp_path / "empty"))
+    import zipfile
+
+    (tmp_path / "download").mkdir()  # a data set as downloaded, not unpacked: the archive is named
+    zipfile.ZipFile(tmp_path / "download" / "img_align_celeba.zip", "w").close()
+    with pytest.raises(DataError, match=r"it holds 'img_align_celeba\.zip': set the path of the archive itself, "
+                                        r"'.*download/img_align_celeba\.zip'"):
+        SAGANData("folder", root=str(tmp_path / "download"))
 
 
 def test_empty_class_folder_is_a_clear_error(class_folder):
