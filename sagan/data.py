@@ -170,10 +170,10 @@ class ZipMember:
     def read(self) -> bytes:
         if self.method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             try:
-                return _open_once(self.archive, zipfile.ZipFile).read(self.member)
+                return _open_once(self.archive, "zip").read(self.member)
             except (RuntimeError, NotImplementedError) as e:  # encrypted, or a method Python does not read
                 raise zipfile.BadZipFile(f"{e}; unpack the archive with a zip tool that reads it") from None
-        f = _open_once(self.archive, lambda p: open(p, "rb"))
+        f = _open_once(self.archive, "file")
         f.seek(self.offset)
         header = f.read(30)  # the local file header: signature ... name length, extra length
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
@@ -191,14 +191,14 @@ class ZipMember:
         return f"{self.archive}/{self.member}"
 
 
-_OPEN: dict[tuple[int, Path, Any], Any] = {}
+_OPEN: dict[tuple[int, Path, str], Any] = {}
 
 
-def _open_once(archive: Path, opener: Any) -> Any:
-    """``opener(archive)``, once per process."""
-    key = (os.getpid(), archive, opener if opener is zipfile.ZipFile else "file")
+def _open_once(archive: Path, kind: Literal["zip", "file"]) -> Any:
+    """The archive opened as a ``zipfile.ZipFile`` or as a binary file, once per process (and left open)."""
+    key = (os.getpid(), archive, kind)
     if key not in _OPEN:
-        _OPEN[key] = opener(archive)
+        _OPEN[key] = zipfile.ZipFile(archive) if kind == "zip" else open(archive, "rb")
     return _OPEN[key]
 
 
@@ -600,6 +600,11 @@ class SAGANData(pl.LightningDataModule):
         """Images of each class in ``split`` (K,), int64; None for an unlabelled set (no classes)."""
         if not self.classes:
             return None
+        return torch.bincount(self.labels(split), minlength=self.num_classes)
+
+    def labels(self, split: str = "train") -> Tensor:
+        """The class label of every image of ``split`` (N,), int64, in the data set's order, without decoding an
+        image (0 for every image of an unlabelled set)."""
         if split not in self.splits:
             raise ConfigError(f"data set {self.dataset!r} has no split {split!r}; it has {list(self.splits)}")
         if self.dataset == "digits":
@@ -612,7 +617,7 @@ class SAGANData(pl.LightningDataModule):
             labels = torch.from_numpy(np.load(Path(self.root) / LABELS, mmap_mode="r").astype(np.int64))
         else:
             labels = torch.tensor(self.build_dataset(split).targets, dtype=torch.long)  # type: ignore[attr-defined]
-        return torch.bincount(labels.long(), minlength=self.num_classes)
+        return labels.long()
 
     def image_loader(self) -> ImageLoader:
         """The decoding / resizing of this data module's images (see :class:`ImageLoader`)."""

@@ -135,7 +135,7 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     cache_name = dm.reference_cache_name(a.ref_split, spec.weights_sha256)
     halves = a.floor and not held_out
     if halves:  # no held-out split (an image folder): one half of the images is the floor, the other the reference
-        real, reference = _split_halves(reference, a.seed)
+        real, reference = _split_halves(reference, dm.labels(a.ref_split), a.seed)
         cache_name += f"-half{a.seed}"
     ev.load_reference(reference, num_classes=dm.num_classes, cache_name=cache_name, cache_root=a.cache_root,
                       num_workers=a.num_workers)
@@ -190,13 +190,13 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     return out | {"_json": json_path if rank == 0 else None}
 
 
-def _split_halves(dataset: Any, seed: int) -> tuple[Any, Any]:
+def _split_halves(dataset: Any, labels: torch.Tensor, seed: int) -> tuple[Any, Any]:
     """Two disjoint random halves of ``dataset`` (seeded), for a floor on a set without a held-out split: the real
     images of one half are scored against the other as the generator is, so the floor and the model share one
-    reference and neither is scored against images it contains. Classes are split in proportion (per class)."""
+    reference and neither is scored against images it contains. Each class (``labels``, one per item) is split in
+    half."""
     from torch.utils.data import Subset
 
-    labels = _labels_of(dataset)
     g = torch.Generator().manual_seed(seed)
     first, second = [], []
     for c in torch.unique(labels).tolist():
@@ -205,15 +205,6 @@ def _split_halves(dataset: Any, seed: int) -> tuple[Any, Any]:
         first += idx[: len(idx) // 2]
         second += idx[len(idx) // 2:]
     return Subset(dataset, sorted(first)), Subset(dataset, sorted(second))
-
-
-def _labels_of(dataset: Any) -> torch.Tensor:
-    """The class label of every item, without decoding an image where the data set keeps its labels."""
-    if hasattr(dataset, "samples"):  # ImageFolderDataset: (path, label) pairs
-        return torch.tensor([label for _, label in dataset.samples], dtype=torch.long)
-    if hasattr(dataset, "labels"):  # PreparedDataset
-        return torch.as_tensor(dataset.labels, dtype=torch.long)
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
 def _matched_draws(ev: Any, g: torch.nn.Module, n: int, seed: int) -> dict[str, float]:

@@ -64,11 +64,12 @@ def test_in_loop_fid_and_the_floor_on_an_image_folder(tmp_path, capsys):
     from sagan.data import SAGANData
     from sagan.evaluate import _split_halves
 
-    ds = SAGANData("folder", root=str(tmp_path / "pets"), resolution=32).build_dataset()
-    first, second = _split_halves(ds, seed=0)
+    dm = SAGANData("folder", root=str(tmp_path / "pets"), resolution=32)
+    ds = dm.build_dataset()
+    first, second = _split_halves(ds, dm.labels(), seed=0)
     assert not set(first.indices) & set(second.indices) and len(first) + len(second) == len(ds)
     assert [ds.samples[i][1] for i in first.indices].count(0) == 35  # each class split in half
-    assert _split_halves(ds, seed=1)[0].indices != first.indices
+    assert _split_halves(ds, dm.labels(), seed=1)[0].indices != first.indices
 
 def test_in_loop_line_names_the_least_varied_classes(tmp_path, capsys):
     """The console line of each in-loop evaluation ends with the three classes of lowest spread, lowest first; the
