@@ -229,7 +229,7 @@ class RunSummary(pl.Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, FIDEvaluation) and cb.best_fid is not None:
                 lines.append(f"  best FID:    {cb.best_fid:.4g} at iteration {cb.best_step} "
-                             f"({cb._best_path(trainer)})")
+                             f"({cb._best_path(trainer).resolve()})")
         if grids:
             lines.append(f"  sample grid: {grids[-1]}")
         if trainer.is_global_zero:
@@ -327,15 +327,19 @@ class FIDEvaluation(pl.Callback):
             raise type(e)(f"{e} (or turn in-loop FID off with --fid.every_n_steps 0)") from None
         self._evaluator = Evaluator(spec, self.metrics, self.fid_layer, device=pl_module.device,
                                     batch_size=self.batch_size, progress=trainer.is_global_zero)
+        reference = dm.build_dataset(self.ref_split)
+        # too few images for the metrics: say so now, before the reference is read (minutes on a CPU) and not at
+        # the first evaluation, perhaps hours into the run
+        self._evaluator.check_counts(
+            {"generated": self.num_samples, "reference": len(reference)},
+            advice={"generated": "raise --fid.num_samples to at least {dim}",
+                    "reference": "train on at least {dim} images (the reference is the training set)"},
+            layer_flag="--fid.fid_layer", allow_flag=None)
         self._evaluator.load_reference(
-            dm.build_dataset(self.ref_split), num_classes=dm.num_classes,
+            reference, num_classes=dm.num_classes,
             cache_name=dm.reference_cache_name(self.ref_split, spec.weights_sha256), cache_root=self.cache_root,
             num_workers=dm.workers(trainer.world_size) if hasattr(dm, "workers") else 0,  # None: automatic
         )
-        # too few images for the metrics: say so now, not at the first evaluation, perhaps hours into the run
-        self._evaluator._check(self.num_samples, advice=(
-            "raise --fid.num_samples to at least {dim} (the generated set), train on at least {dim} images (the "
-            "reference is the training set), or choose a smaller --fid.fid_layer"))
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics of the EMA generator; every rank takes part and gets the same values."""

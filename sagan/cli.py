@@ -391,11 +391,14 @@ class _DropAdvert(logging.Filter):
 
 def _quiet_third_party_notices() -> None:
     """Drop what other packages print on every run that a sagan user can neither act on nor needs: torch 2.14's
-    deprecation of ``LeafSpec``, triggered inside Lightning's own code, and Lightning's advertisement for its
-    hosted logger. (W&B's notice about the ``anonymous`` setting is removed at its source, in
-    ``SAGANCLI.instantiate_trainer``.)"""
+    deprecation of ``LeafSpec``, triggered inside Lightning's own code, Lightning's advertisement for its hosted
+    logger and its warning that an epoch is shorter than the logging interval. (W&B's notice about the
+    ``anonymous`` setting is removed at its source, in ``SAGANCLI.instantiate_trainer``.)"""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # Lightning counts log_every_n_steps across epochs (its logger connector's step is the fit's batch count), so
+    # its warning that an epoch has fewer batches than the interval is wrong: a small folder logs as a large one
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, _DropAdvert) for f in rank_zero.filters):
         rank_zero.addFilter(_DropAdvert())

@@ -134,12 +134,19 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     reference = dm.build_dataset(a.ref_split)
     cache_name = dm.reference_cache_name(a.ref_split, spec.weights_sha256)
     halves = a.floor and not held_out
+    ref_name = f"{a.ref_split}, a random half (seed {a.seed})" if halves else a.ref_split
+    floor_name = f"the other half of {a.ref_split}" if halves else held_out[0] if held_out else None
+    real = None
     if halves:  # no held-out split (an image folder): one half of the images is the floor, the other the reference
         real, reference = _split_halves(reference, dm.labels(a.ref_split), a.seed)
         cache_name += f"-half{a.seed}"
+    elif a.floor:
+        real = dm.build_dataset(held_out[0])
+    # too few images for the metrics: refused now, before the reference is read and the samples drawn
+    ev.check_counts({"generated": a.num_samples, f"reference ({ref_name})": len(reference),
+                     f"floor ({floor_name})": None if real is None else len(real)})
     ev.load_reference(reference, num_classes=dm.num_classes, cache_name=cache_name, cache_root=a.cache_root,
                       num_workers=a.num_workers)
-    ref_name = f"{a.ref_split}, a random half (seed {a.seed})" if halves else a.ref_split
     label = "generated (EMA)" if not a.no_ema else "generated (raw G)"
     res = ev.generator(g, a.num_samples, seed=a.seed)
     rows = {label: res.values}
@@ -159,9 +166,6 @@ def evaluate_checkpoint(a: argparse.Namespace) -> dict[str, Any]:
     if per_class:
         out["spread_per_class"] = per_class
     if a.floor:
-        floor_name = f"the other half of {a.ref_split}" if halves else held_out[0]
-        if not halves:
-            real = dm.build_dataset(held_out[0])
         floor = ev.images(real, num_classes=dm.num_classes, seed=a.seed, num_workers=a.num_workers)
         rows[f"real {'half' if halves else held_out[0]} (floor)"] = floor.values
         out["floor"] = {"metrics": floor.values, "split": floor_name, "num_images": len(real)}

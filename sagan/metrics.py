@@ -257,7 +257,9 @@ def compute_metrics(
     device = _device(device)
     layers = _layers(spec, names, fid_layer)
     n1, n2 = count_images(input1), (count_images(input2) if input2 is not None else None)
-    _check_counts(names, layers, n1, n2, isc_splits, allow_few_samples)
+    _check_counts(names, layers, {"first": n1, "second": n2}, isc_splits, allow_few_samples,
+                  advice={"first": "give it at least {dim} images", "second": "give it at least {dim} images"},
+                  provided=_provided_layers(spec))
     kid_size = min(kid_subset_size, n1, n2 or n1)
     try:
         raw = calculate_metrics(
@@ -293,6 +295,14 @@ def _layers(spec: FeatureSpec, names: list[str], fid_layer: str | None) -> dict[
                            "for the extractor's default")
     return {m: (fid_layer if (fid_layer and m in ("fid", "kid", "prc")) else cls.get_default_feature_layer_for_metric(m))
             for m in names}
+
+
+def _provided_layers(spec: FeatureSpec) -> list[str]:
+    """The extractor's layers, largest first (``2048, 768, 192, 64, logits_unbiased`` for InceptionV3)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    provided = [str(f) for f in FEATURE_EXTRACTORS_REGISTRY[spec.name].get_provided_features_list()]
+    return sorted(provided, key=lambda f: -(_layer_dim(f) or 0))
 
 
 def _protocol(spec: FeatureSpec, names: list[str], layers: dict[str, str], seed: int, kid_size: int,
@@ -719,13 +729,21 @@ class Evaluator:
         result.protocol.update(num_images=len(dataset))
         return result
 
-    def _check(self, n: int, advice: str | None = None) -> None:
-        """Refuse ``n`` generated images (or the loaded reference) when they are too few for the metrics;
-        ``advice`` (with ``{dim}``, the number needed) replaces the advice in ``sagan evaluate``'s flags."""
+    def _check(self, n: int) -> None:
+        """Refuse ``n`` generated images (or the loaded reference) when they are too few for the metrics."""
         if self.reference is None and any(m != "isc" for m in self.names):
             raise MetricsError("load_reference() first: FID, KID and precision/recall compare with a reference set")
-        _check_counts(self.names, self.layers, n, self.reference.count if self.reference else None,
-                      self.isc_splits, self.allow_few_samples, advice)
+        self.check_counts({"generated": n, "reference": self.reference.count if self.reference else None})
+
+    def check_counts(self, counts: dict[str, int | None], advice: dict[str, str] | None = None,
+                     layer_flag: str = "--fid-layer", allow_flag: str | None = "--allow-few-samples") -> None:
+        """Refuse sets too small for the metrics before anything is read or generated: ``counts`` maps a set's
+        name (``generated``, ``reference``, ...; IS's splits apply to the generated set) to its number of images
+        (None: not used). The error's fix names the command's flags: ``advice`` (by set; ``{dim}`` the number
+        needed; by default ``--num-samples`` for the generated set), ``layer_flag`` and ``allow_flag``."""
+        _check_counts(self.names, self.layers, counts, self.isc_splits, self.allow_few_samples,
+                      advice if advice is not None else {"generated": "raise --num-samples to at least {dim}"},
+                      _provided_layers(self.spec), layer_flag, allow_flag)
 
     def _score(self, feats: dict[str, Tensor], labels: Tensor, num_classes: int, seed: int) -> MetricsResult:
         from torch_fidelity.metric_fid import fid_statistics_to_metric
@@ -810,10 +828,15 @@ def count_images(inp: Any) -> int:
 
 
 def _check_counts(
-    names: list[str], layers: dict[str, str], n1: int, n2: int | None, splits: int, allow_few: bool,
-    advice: str | None = None,
+    names: list[str], layers: dict[str, str], counts: dict[str, int | None], splits: int, allow_few: bool,
+    advice: dict[str, str] | None = None, provided: list[str] | tuple[str, ...] = (),
+    layer_flag: str = "--fid-layer", allow_flag: str | None = "--allow-few-samples",
 ) -> None:
-    for label, n in (("generated/first", n1), ("reference/second", n2)):
+    """Refuse a set (``counts``: its name, its number of images) too small for the metrics. The fix offered:
+    ``advice[name]`` (what grows that set, ``{dim}`` the number needed), a numbered layer of ``provided`` that
+    every set fits (``layer_flag``), and ``allow_flag`` where the command has one."""
+    smallest = min((n for n in counts.values() if n is not None), default=0)
+    for label, n in counts.items():
         if n is None:
             continue
         if n < 2:
@@ -821,9 +844,14 @@ def _check_counts(
         for m in ("fid", "kid", "prc"):
             dim = _layer_dim(layers.get(m, "")) if m in names else None
             if dim is not None and n < dim and not allow_few:
-                fix = advice.format(dim=dim) if advice else (
-                    f"use more images (e.g. --num-samples {max(dim, 1000)}), a smaller feature layer, or accept a "
-                    "biased number with --allow-few-samples")
+                fits = [f for f in provided if (_layer_dim(f) or smallest + 1) <= smallest]  # every set fits
+                fixes = [advice[label].format(dim=dim)] if advice and label in advice else []
+                if fits:
+                    fixes.append(f"choose a layer of at most {smallest} dimensions ({layer_flag} {' or '.join(fits)})")
+                if allow_flag:
+                    fixes.append(f"accept a biased number with {allow_flag}")
+                fix = ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1] if fixes else (
+                    f"use at least {dim} images")
                 raise MetricsError(f"{m.upper()} on {dim}-dimensional features needs at least {dim} images per set, "
                                    f"but the {label} set has {n}: {fix}")
         if "isc" in names and label.startswith("generated") and n < splits:

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -41,20 +43,24 @@ def test_in_loop_fid_is_logged_and_best_checkpoint_kept(digits_run):
     assert len(list(cache.glob("*.pt"))) >= 1  # reference statistics cached on disk
 
 
-def test_in_loop_fid_and_the_floor_on_an_image_folder(tmp_path, capsys):
+def test_in_loop_fid_and_the_floor_on_an_image_folder(tmp_path, capsys, monkeypatch):
     """The image-folder configs leave data.num_workers unset (automatic); the in-loop reference pass passed that
     None to its DataLoader and every such fit with FID on ended at its start. `sagan evaluate --floor` on a folder
     (no held-out split) was an error after all the work; it now splits the images in two halves."""
     for cls in ("cat", "dog"):
         write_images(tmp_path / "pets" / cls, 70, size=32, seed=len(cls))
     args = ["fit", "--config", str(REPO / "configs/folder32.yaml"), "--data.root", str(tmp_path / "pets"),
-            "--output_root", str(tmp_path), "--experiment", "f", *TINY, "--data.batch_size", "8",
+            "--output_root", "runs", "--experiment", "f", *TINY, "--data.batch_size", "8",
             "--trainer.max_steps", "4", "--samples.every_n_steps", "0", "--fid.every_n_steps", "2",
             "--fid.num_samples", "64", "--fid.feature_extractor", "digits-mlp", "--fid.cache_root", str(tmp_path)]
+    monkeypatch.chdir(tmp_path)  # a relative output root: the summary still names the best checkpoint's full path
     assert run_cli(args) == 0
-    assert "[iteration 2] val/fid=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[iteration 2] val/fid=" in out
+    assert re.search(r"best FID: .* at iteration [24] \(" + re.escape(str(tmp_path / "runs/f/checkpoints/best.ckpt"))
+                     + r"\)\n", out), out
     # a folder has no held-out split: --floor scores one random half of it against the other, and the model too
-    ckpt = str(tmp_path / "f" / "checkpoints" / "last.ckpt")
+    ckpt = str(tmp_path / "runs" / "f" / "checkpoints" / "last.ckpt")
     assert evaluate_main(["--ckpt", ckpt, "--floor", "--feature-extractor", "digits-mlp", "--num-samples", "64",
                           "--cache-root", str(tmp_path), "--json", str(tmp_path / "f.json")]) == 0
     assert "FID = " in capsys.readouterr().out
@@ -68,6 +74,16 @@ def test_in_loop_fid_and_the_floor_on_an_image_folder(tmp_path, capsys):
     ds = dm.build_dataset()
     first, second = _split_halves(ds, dm.labels(), seed=0)
     assert not set(first.indices) & set(second.indices) and len(first) + len(second) == len(ds)
+
+    # halves too small for 64-d features: refused before the reference is read or a sample drawn
+    for cls in ("cat", "dog"):
+        write_images(tmp_path / "few" / cls, 30, size=32, seed=len(cls))
+    with mock.patch("sagan.metrics.Evaluator.load_reference", side_effect=AssertionError("read the reference")):
+        assert evaluate_main(["--ckpt", ckpt, "--floor", "--feature-extractor", "digits-mlp", "--num-samples", "64",
+                              "--data-root", str(tmp_path / "few"), "--cache-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 64 images per set, but the reference (train, a random half (seed 0)) set has 30" in err
+    assert "Traceback" not in err
     assert [ds.samples[i][1] for i in first.indices].count(0) == 35  # each class split in half
     assert _split_halves(ds, dm.labels(), seed=1)[0].indices != first.indices
 

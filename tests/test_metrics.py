@@ -373,10 +373,30 @@ def test_too_few_images_or_samples_is_a_clear_error():
         ev.generator(g, 0)
     kid = _evaluator("kid")
     kid.load_reference(Images(real_digits()[:30]))
-    with pytest.raises(M.MetricsError, match="reference/second set has 30"):
+    with pytest.raises(M.MetricsError, match="reference set has 30"):
         kid.generator(g, 100)
     with pytest.raises(M.MetricsError, match="unknown metric"):
         M.parse_metrics("fid,lpips")
+
+
+def test_a_set_too_small_is_refused_with_the_fixes_that_apply_to_it(inception_weights):
+    """The fix named is the one that grows that set (--num-samples grows only the generated one; a reference or a
+    floor is what the data holds), and the numbered layers every set fits, by the command's own flags."""
+    spec = M.resolve_feature_extractor(M.INCEPTION, str(inception_weights))
+    ev = M.Evaluator(spec, "fid,prc", device="cpu")
+    with pytest.raises(M.MetricsError) as e:
+        ev.check_counts({"generated": 1000, "reference": 300})
+    assert str(e.value) == ("FID on 2048-dimensional features needs at least 2048 images per set, but the generated "
+                            "set has 1000: raise --num-samples to at least 2048, choose a layer of at most 300 "
+                            "dimensions (--fid-layer 192 or 64) or accept a biased number with --allow-few-samples")
+    with pytest.raises(M.MetricsError, match=r"the reference set has 300: choose a layer of at most 300 dimensions "
+                                             r"\(--fid.fid_layer 192 or 64\)$"):
+        ev.check_counts({"generated": 3000, "reference": 300}, advice={}, layer_flag="--fid.fid_layer",
+                        allow_flag=None)
+    with pytest.raises(M.MetricsError, match=r"the floor set has 50: accept a biased number with --allow-few"):
+        ev.check_counts({"generated": 3000, "floor": 50})  # no numbered layer as small as 50
+    ev.check_counts({"generated": 2048, "reference": 2048})
+    M.Evaluator(spec, "fid", "192", device="cpu").check_counts({"generated": 300, "reference": 192})
 
 
 def _distributed_worker(rank: int, world: int, port: int, out: str) -> None:
