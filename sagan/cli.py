@@ -173,6 +173,15 @@ class SAGANCLI(LightningCLI):
                 f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} is not supported: sagan's D and G "
                 "steps optimise by hand, where Lightning cannot accumulate; raise data.batch_size, or train on more "
                 "devices (the batch is per device)")
+        accelerator = trainer.get("accelerator")
+        if trainer.get("sync_batchnorm") and (accelerator in ("cpu", "mps") or (
+                accelerator == "auto" and not torch.cuda.is_available())):
+            # torch's SyncBatchNorm raises inside DDP's constructor on any other device: configs/trainer/ddp.yaml
+            # with --trainer.accelerator cpu (a trial run of the multi-GPU setup) ended in that traceback
+            trainer.sync_batchnorm = False
+            warnings.warn(f"trainer.sync_batchnorm is ignored: torch's SyncBatchNorm runs on CUDA GPUs only, and "
+                          f"this run is on the {'CPU' if accelerator != 'mps' else 'MPS device'}; each process's G "
+                          "normalises with its own batch's statistics", SaganWarning, stacklevel=1)
         last = Path(_ckpt_dir(cfg.output_root, cfg.experiment)) / "last.ckpt"
         if cfg.ckpt_path is None and last.exists() and not cfg.overwrite:
             raise SaganError(

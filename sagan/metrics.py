@@ -550,16 +550,21 @@ class Evaluator:
         feats = self.extractor.convert_features_tuple_to_dict(self.extractor(imgs.to(self.device)))
         return {k: v.detach().float() for k, v in feats.items()}
 
+    def _progress(self, total: int, desc: str) -> Any:
+        """Rank 0's progress over ``total`` images that all ranks share: it counts rank 0's shard, so that it ends
+        at 100%."""
+        from .progress import progress
+
+        rank, world = dist_info()
+        if world > 1:
+            desc, total = f"{desc} (rank 0's share of {total})", len(shard(total, 0, world))
+        return progress(total, desc, "img", disable=not self.progress or rank != 0)
+
     @torch.no_grad()
     def _features(self, uint8_batches: Any, total: int, desc: str) -> dict[str, Tensor]:
         """Features (N, D) per layer of every rank's batches, gathered in rank order (CPU)."""
-        from .progress import progress
-
         out: dict[str, list[Tensor]] = {}
-        rank, world = dist_info()
-        if world > 1:  # the bar is rank 0's: it counts rank 0's shard, so that it ends at 100%
-            desc, total = f"{desc} (rank 0's share of {total})", len(shard(total, 0, world))
-        with progress(total, desc, "img", disable=not self.progress or rank != 0) as bar:
+        with self._progress(total, desc) as bar:
             for imgs in uint8_batches:
                 for k, v in self._extract(imgs).items():
                     out.setdefault(k, []).append(v.cpu())
@@ -650,8 +655,6 @@ class Evaluator:
         however large the set; ImageNet's 1.28M x 2048 features would be 10 GB). The moments are merged over
         ranks, and only the kept rows are gathered. Any number of ranks gives one process's numbers (the moments
         up to float rounding)."""
-        from .progress import progress
-
         n, world = len(dataset), dist_info()[1]
         if n < world:  # every rank's moments need a row (checked on all ranks alike: none waits in a collective)
             raise MetricsError(f"the reference set has {n} images, fewer than the {world} processes sharing it: "
@@ -661,7 +664,7 @@ class Evaluator:
         fixed[fit_idx] = True
         fixed[feature_idx] = True
         stream = ReferenceStream(num_classes, fixed)
-        with progress(n, "reference features", "img", disable=not self.progress or dist_info()[0] != 0) as bar:
+        with self._progress(n, "reference features") as bar:
             for start, imgs, y in self._dataset_batches(dataset, num_workers):
                 stream.add(start, y, self._extract(imgs))
                 bar.update(len(imgs))

@@ -35,6 +35,7 @@ class _Lines:
     def __init__(self, total: int | None, desc: str, unit: str, every_s: float, disable: bool) -> None:
         self.total, self.desc, self.unit, self.every_s, self.disable = total, desc, unit, every_s, disable
         self.n, self.start, self.last = 0, time.perf_counter(), time.perf_counter()
+        self._printed = 0  # the count of the last line printed
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -42,7 +43,7 @@ class _Lines:
             self._print()
 
     def _print(self) -> None:
-        self.last = time.perf_counter()
+        self.last, self._printed = time.perf_counter(), self.n
         if self.disable:
             return
         rate = self.n / max(self.last - self.start, 1e-9)
@@ -50,7 +51,7 @@ class _Lines:
         print(f"{self.desc}: {self.n}{of} {self.unit}, {rate:.0f} {self.unit}/s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.n:
+        if self.n and self.n != self._printed:  # the last line may have been printed at the last update
             self._print()
 
     def __enter__(self) -> _Lines:

@@ -378,3 +378,20 @@ def test_a_fit_prints_no_third_party_notices_a_user_cannot_act_on(tmp_path):
     assert ours == ["sagan: warning: model.class_weight is ignored: the model is unconditional (model.conditional "
                     "false), so the model trains without the auxiliary classifier"], out
     assert "SaganWarning" not in out and "instantiate_module" not in out, out
+
+
+def test_progress_lines_end_with_one_line_at_the_final_count(capsys):
+    """In a log (not a terminal) progress is a line every few seconds and one at the end; a last update that had
+    just printed its line printed the same line again when the pass closed."""
+    from sagan.progress import _Lines
+
+    with _Lines(300, "reference features", "img", every_s=0.0, disable=False) as bar:
+        for _ in range(3):
+            bar.update(100)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(",")[0] for ln in lines] == ["reference features: 100/300 (33%) img",
+                                                   "reference features: 200/300 (67%) img",
+                                                   "reference features: 300/300 (100%) img"]
+    with _Lines(300, "generating", "img", every_s=3600.0, disable=False) as bar:
+        bar.update(300)
+    assert capsys.readouterr().err.startswith("generating: 300/300 (100%) img")  # the closing line is there

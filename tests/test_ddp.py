@@ -114,8 +114,9 @@ def test_cli_ddp_fid_once_then_resume_on_one_process(tmp_path):
             "--output_root", str(tmp_path), "--experiment", "ddp", "--data.batch_size", "8",
             "--trainer.accelerator", "cpu", "--samples.every_n_steps", "2",
             "--model.fake_labels", "data"]  # every rank counts the classes of the whole set
-    res = subprocess.run([*base, "--trainer.devices", "2", "--trainer.strategy", "sagan.strategy.GANDDPStrategy",
-                          "--trainer.strategy.process_group_backend", "gloo", "--trainer.max_steps", "8",
+    # the multi-GPU config as a user tries it on the CPU: its sync_batchnorm (CUDA only) ended in DDP's traceback
+    res = subprocess.run([*base, "--config", str(REPO / "configs/trainer/ddp.yaml"), "--trainer.accelerator", "cpu",
+                          "--trainer.devices", "2", "--trainer.max_steps", "8",
                           "--ckpt_path", "last",  # no checkpoint yet: a fresh run, with a warning every rank finds
                           "--fid.every_n_steps", "2", "--fid.num_samples", "100",
                           "--fid.cache_root", str(tmp_path / "cache")],
@@ -126,6 +127,9 @@ def test_cli_ddp_fid_once_then_resume_on_one_process(tmp_path):
     assert out.count("sagan: warning: --ckpt_path last: there is no checkpoint") == 1  # printed by rank 0 only
     assert out.count("[iteration 4] val/fid=") == 1
     assert "generating (rank 0's share of 100): 50/50 (100%)" in out  # rank 0's bar ends at 100%
+    assert out.count("reference features (rank 0's share of 1437): 718/718 (100%)") == 1, out  # so does this one
+    assert out.count("sagan: warning: trainer.sync_batchnorm is ignored") == 1, out
+    assert "Traceback" not in out and "broadcast_buffers" not in out, out  # nor torch's deprecation of the setting
     run = tmp_path / "ddp"
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
