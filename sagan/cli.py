@@ -173,6 +173,14 @@ class SAGANCLI(LightningCLI):
                 f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} is not supported: sagan's D and G "
                 "steps optimise by hand, where Lightning cannot accumulate; raise data.batch_size, or train on more "
                 "devices (the batch is per device)")
+        precision = str(trainer.get("precision") or "32-true")
+        if precision in ("64", "64-true", "16-true", "bf16-true") or "transformer-engine" in precision:
+            # a network cast to half or double precision met float32 latents, images and spectral-norm vectors in
+            # the first step (a traceback); GAN training keeps float32 weights
+            raise ConfigError(
+                f"trainer.precision {precision} is not supported: sagan trains float32 weights (spectral norm's power "
+                "iteration, Adam's moments and the EMA need them); use bf16-mixed (bfloat16 autocast, on GPUs from "
+                "Ampere on), 16-mixed (float16 autocast with a gradient scaler) or 32-true")
         accelerator = trainer.get("accelerator")
         if trainer.get("sync_batchnorm") and (accelerator in ("cpu", "mps") or (
                 accelerator == "auto" and not torch.cuda.is_available())):
