@@ -135,7 +135,10 @@ class Checkpoint(ModelCheckpoint):
         """Save the final state when training ends between two periodic checkpoints: at ``trainer.max_steps`` not a
         multiple of ``every_n_train_steps``, at ``trainer.max_time``, on an early stop. Lightning's ``save_last``
         only copies the latest periodic checkpoint, so ``last.ckpt`` would hold an earlier iteration than the run
-        ended with (and than its final grid and in-loop FID show). Every rank calls this at the same point."""
+        ended with (and than its final grid and in-loop FID show). Every rank calls this at the same point.
+        Under ``trainer.fast_dev_run`` nothing is saved (Lightning's own ``save_last`` here would write one)."""
+        if trainer.fast_dev_run:
+            return
         if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)

@@ -191,7 +191,7 @@ class SAGANCLI(LightningCLI):
                           f"this run is on the {'CPU' if accelerator != 'mps' else 'MPS device'}; each process's G "
                           "normalises with its own batch's statistics", SaganWarning, stacklevel=1)
         last = Path(_ckpt_dir(cfg.output_root, cfg.experiment)) / "last.ckpt"
-        if cfg.ckpt_path is None and last.exists() and not cfg.overwrite:
+        if cfg.ckpt_path is None and last.exists() and not cfg.overwrite and not trainer.get("fast_dev_run"):
             raise SaganError(
                 f"{last} already exists: resume that run with --ckpt_path last, choose another --experiment, "
                 "or pass --overwrite true to start afresh and replace it"

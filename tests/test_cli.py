@@ -397,3 +397,20 @@ def test_progress_lines_end_with_one_line_at_the_final_count(capsys):
     with _Lines(300, "generating", "img", every_s=3600.0, disable=False) as bar:
         bar.update(300)
     assert capsys.readouterr().err.startswith("generating: 300/300 (100%) img")  # the closing line is there
+
+
+def test_fast_dev_run_in_a_finished_run_folder_writes_no_checkpoint_and_keeps_its_config(tmp_path, capsys):
+    """Lightning's fast_dev_run ('logging and checkpointing suppressed') still wrote last.ckpt (its save_last at
+    train end ignores the flag), and was refused in a folder with a last.ckpt unless --overwrite, which would have
+    moved the run's checkpoints to previous/. The run's config.yaml stays too (LightningCLI saves none then)."""
+    folder = tmp_path / "r" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "last.ckpt").write_bytes(b"the run's last checkpoint")
+    (tmp_path / "r" / "config.yaml").write_text("the run's config\n")
+    code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path),
+                    "--experiment", "r", *TINY, "--data.batch_size", "8", "--trainer.fast_dev_run", "true"])
+    assert code == 0
+    assert "sagan: trained 1 iteration" in capsys.readouterr().out
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
+    assert (folder / "last.ckpt").read_bytes() == b"the run's last checkpoint"
+    assert (tmp_path / "r" / "config.yaml").read_text() == "the run's config\n"
