@@ -83,7 +83,9 @@ class SaveRunConfig(SaveConfigCallback):
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / self.config_filename
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=True)
+        # every value, None included (jsonargparse 4.49 renamed skip_none to skip_unset and warns on the old name)
+        keep_none = {"skip_unset": False} if _version_at_least("jsonargparse", (4, 49)) else {"skip_none": False}
+        self.parser.save(self.config, str(path), overwrite=True, **keep_none)
         for lg in wandb_loggers(trainer):  # the resolved config with the run (W&B's own config.yaml is not touched)
             lg.experiment.config.update({"cli": yaml.safe_load(path.read_text())}, allow_val_change=True)
 
@@ -380,6 +382,18 @@ def main(args: list[str] | None = None) -> None:
         print(f"sagan: error: {disk_full_message(e, 'a file of the run')}. The checkpoints already written are "
               "intact; free space (or choose another --output_root) and resume with --ckpt_path last", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        _finish_wandb(exit_code=1)
+        if not _peer_failed(e):
+            raise
+        # another rank failed (it printed its own error) and this one met the broken connection in a collective:
+        # one line, not a traceback of torch's internals under the message that matters
+        from .metrics import dist_info
+
+        print(f"sagan: error: [rank {dist_info()[0]}] stopped: another process of this job failed (its "
+              f"error is printed above or in its own log) or the connection to it broke ({_first_line(e)})",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C before training starts (Lightning handles it during the fit)
         _finish_wandb(exit_code=130)
         print("sagan: interrupted", file=sys.stderr)
@@ -446,11 +460,41 @@ def _one_line_sagan_warnings() -> None:
     warnings.formatwarning = formatwarning
 
 
+def _version_at_least(package: str, minimum: tuple[int, ...]) -> bool:
+    """Whether the installed ``package`` is at least ``minimum`` (numeric release parts only)."""
+    from importlib.metadata import version
+
+    parts = []
+    for p in version(package).split("."):
+        digits = "".join(c for c in p if c.isdigit()) if p[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) >= minimum
+
+
 def _finish_wandb(exit_code: int) -> None:
     """Close the W&B run of this process, if one was started, so its file is complete (also for in-process use)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=exit_code)
+
+
+PEER_FAILURES = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """Whether ``e`` is a collective's failure because another process of the job went away (gloo's broken
+    connection, NCCL's remote exit), rather than an error of this process."""
+    dist_error = getattr(torch.distributed, "DistBackendError", ())
+    return (isinstance(e, dist_error) or "gloo" in str(e)) and any(s in str(e) for s in PEER_FAILURES)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an error, without the source location a backend prefixes (``[.../pair.cc:561] ``)."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    line = line.split("] ", 1)[1] if line.startswith("[") and "] " in line else line
+    return line.split(". ", 1)[0].rstrip(".")
 
 
 def _message(e: BaseException) -> str:

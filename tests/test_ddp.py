@@ -157,3 +157,28 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_message(tmp_path):
     assert elapsed < 120, elapsed  # start-up included; without the fix it waits for the 30-minute DDP timeout
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # the last periodic one
     assert state["global_step"] in (8, 10) and state["sagan"]["g_steps"] <= 5
+
+
+@pytest.mark.timeout(300)
+def test_an_unreadable_image_in_one_ranks_share_of_the_reference_ends_the_job_in_two_lines(tmp_path):
+    """The in-loop FID's reference pass, before training: rank 1 meets a file that is no image and stops with its
+    one-line error; rank 0, waiting for it in the gather, printed a traceback of gloo's internals ('Connection closed
+    by peer') under it. Now it says in one line why it stopped."""
+    from conftest import REPO, TINY, write_images
+
+    for cls in ("a", "b"):
+        write_images(tmp_path / "imgs" / cls, 40, size=32, seed=len(cls))
+    (tmp_path / "imgs" / "b" / "zz_broken.png").write_bytes(b"not an image")  # last: in rank 1's half
+    res = subprocess.run([sys.executable, "-m", "sagan.cli", "fit", "--config", str(REPO / "configs/folder32.yaml"),
+                          "--config", str(REPO / "configs/trainer/ddp.yaml"), *TINY, "--trainer.devices", "2",
+                          "--trainer.precision", "32-true", "--data.root", str(tmp_path / "imgs"),
+                          "--data.batch_size", "8", "--data.num_workers", "0", "--output_root", str(tmp_path),
+                          "--trainer.max_steps", "4", "--fid.every_n_steps", "2", "--fid.num_samples", "64",
+                          "--fid.feature_extractor", "digits-mlp", "--fid.cache_root", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=280)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert "sagan: error: cannot read image" in out and "zz_broken.png" in out, out
+    assert "sagan: error: [rank 0] stopped: another process of this job failed" in out, out
+    assert "Traceback" not in out, out
+    assert "DeprecationWarning" not in out, out  # jsonargparse's, shown under `python -m sagan.cli` (cli is __main__)
