@@ -357,6 +357,10 @@ def main(args: list[str] | None = None) -> None:
         except KeyboardInterrupt:  # Ctrl-C: what was written stays (generate's images, prepare removes its part)
             print(f"sagan {argv[0]}: interrupted", file=sys.stderr)
             sys.exit(130)
+        except RuntimeError as e:  # torchrun ... evaluate: another rank failed
+            if not _peer_failed(e):
+                raise
+            _stopped_for_another_process(f"sagan {argv[0]}", e)
     try:
         SAGANCLI(
             SAGAN,
@@ -386,14 +390,7 @@ def main(args: list[str] | None = None) -> None:
         _finish_wandb(exit_code=1)
         if not _peer_failed(e):
             raise
-        # another rank failed (it printed its own error) and this one met the broken connection in a collective:
-        # one line, not a traceback of torch's internals under the message that matters
-        from .metrics import dist_info
-
-        print(f"sagan: error: [rank {dist_info()[0]}] stopped: another process of this job failed (its "
-              f"error is printed above or in its own log) or the connection to it broke ({_first_line(e)})",
-              file=sys.stderr)
-        sys.exit(1)
+        _stopped_for_another_process("sagan", e)
     except KeyboardInterrupt:  # Ctrl-C before training starts (Lightning handles it during the fit)
         _finish_wandb(exit_code=130)
         print("sagan: interrupted", file=sys.stderr)
@@ -488,6 +485,16 @@ def _peer_failed(e: BaseException) -> bool:
     connection, NCCL's remote exit), rather than an error of this process."""
     dist_error = getattr(torch.distributed, "DistBackendError", ())
     return (isinstance(e, dist_error) or "gloo" in str(e)) and any(s in str(e) for s in PEER_FAILURES)
+
+
+def _stopped_for_another_process(prog: str, e: BaseException) -> None:
+    """Exit with one line where another rank failed (it printed its own error) and this one met the broken
+    connection in a collective: not a traceback of torch's internals under the message that matters."""
+    from .metrics import dist_info
+
+    print(f"{prog}: error: [rank {dist_info()[0]}] stopped: another process of this job failed (its error is "
+          f"printed above or in its own log) or the connection to it broke ({_first_line(e)})", file=sys.stderr)
+    sys.exit(1)
 
 
 def _first_line(e: BaseException) -> str:

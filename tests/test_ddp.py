@@ -182,3 +182,28 @@ def test_an_unreadable_image_in_one_ranks_share_of_the_reference_ends_the_job_in
     assert "sagan: error: [rank 0] stopped: another process of this job failed" in out, out
     assert "Traceback" not in out, out
     assert "DeprecationWarning" not in out, out  # jsonargparse's, shown under `python -m sagan.cli` (cli is __main__)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_evaluate_whose_other_rank_fails_ends_in_one_line_per_rank(tmp_path):
+    """`torchrun -m sagan.cli evaluate` (README) with an image that one rank cannot read: that rank's error, and one
+    line from the rank that waited for it, not a traceback of gloo's (torchrun's own summary follows, as always)."""
+    from conftest import REPO, TINY, run_cli, write_images
+
+    for cls in ("a", "b"):
+        write_images(tmp_path / "imgs" / cls, 40, size=32, seed=len(cls))
+    assert run_cli(["fit", "--config", str(REPO / "configs/folder32.yaml"), *TINY, "--data.root",
+                    str(tmp_path / "imgs"), "--data.batch_size", "8", "--output_root", str(tmp_path),
+                    "--experiment", "e", "--trainer.max_steps", "2"]) == 0
+    (tmp_path / "imgs" / "b" / "zz_broken.png").write_bytes(b"not an image")  # last: in rank 1's half
+    # torchrun ends the other workers 0.1 s after one fails, which can pre-empt rank 0's own line: 3 s here
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--monitor-interval", "3", "-m", "sagan.cli",
+                          "evaluate", "--ckpt", str(tmp_path / "e/checkpoints/last.ckpt"), "--num-samples", "64",
+                          "--feature-extractor", "digits-mlp", "--cache-root", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=280, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out
+    assert "sagan evaluate: error: cannot read image" in out and "zz_broken.png" in out, out
+    assert "sagan evaluate: error: [rank 0] stopped: another process of this job failed" in out, out
+    assert "[rank0]: Traceback" not in out, out
