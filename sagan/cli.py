@@ -15,6 +15,7 @@ resolved ``config.yaml``. Errors the user can cause are printed as one line and 
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 import warnings
@@ -23,6 +24,7 @@ from pathlib import Path
 import yaml
 
 import torch
+from lightning_utilities.core.imports import compare_version
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -84,7 +86,8 @@ class SaveRunConfig(SaveConfigCallback):
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / self.config_filename
         # every value, None included (jsonargparse 4.49 renamed skip_none to skip_unset and warns on the old name)
-        keep_none = {"skip_unset": False} if _version_at_least("jsonargparse", (4, 49)) else {"skip_none": False}
+        new_name = compare_version("jsonargparse", operator.ge, "4.49")
+        keep_none = {"skip_unset": False} if new_name else {"skip_none": False}
         self.parser.save(self.config, str(path), overwrite=True, **keep_none)
         for lg in wandb_loggers(trainer):  # the resolved config with the run (W&B's own config.yaml is not touched)
             lg.experiment.config.update({"cli": yaml.safe_load(path.read_text())}, allow_val_change=True)
@@ -455,19 +458,6 @@ def _one_line_sagan_warnings() -> None:
 
     formatwarning.sagan = True  # type: ignore[attr-defined]
     warnings.formatwarning = formatwarning
-
-
-def _version_at_least(package: str, minimum: tuple[int, ...]) -> bool:
-    """Whether the installed ``package`` is at least ``minimum`` (numeric release parts only)."""
-    from importlib.metadata import version
-
-    parts = []
-    for p in version(package).split("."):
-        digits = "".join(c for c in p if c.isdigit()) if p[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts) >= minimum
 
 
 def _finish_wandb(exit_code: int) -> None:

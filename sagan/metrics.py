@@ -288,7 +288,7 @@ def _layers(spec: FeatureSpec, names: list[str], fid_layer: str | None) -> dict[
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     cls = FEATURE_EXTRACTORS_REGISTRY[spec.name]
-    provided = [str(f) for f in cls.get_provided_features_list()]
+    provided = _provided_layers(spec)
     if fid_layer is not None and str(fid_layer) not in provided:
         raise MetricsError(f"feature layer {fid_layer!r} is not one that {spec.name} provides: choose one of "
                            f"{', '.join(provided)} (--fid-layer, or fid.fid_layer in training), or leave it unset "
