@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Timer
 from torchvision.utils import save_image
 
 from .checkpointing import naming_the_file, set_aside_previous_run
-from .errors import ConfigError, SaganError
+from .errors import ConfigError, SaganError, lower_batch, out_of_memory_advice
 
 
 class _FreshFolder(pl.Callback):
@@ -335,11 +335,15 @@ class FIDEvaluation(pl.Callback):
             advice={"generated": "raise --fid.num_samples to at least {dim}",
                     "reference": "train on at least {dim} images (the reference is the training set)"},
             layer_flag="--fid.fid_layer", allow_flag=None)
-        self._evaluator.load_reference(
-            reference, num_classes=dm.num_classes,
-            cache_name=dm.reference_cache_name(self.ref_split, spec.weights_sha256), cache_root=self.cache_root,
-            num_workers=dm.workers(trainer.world_size) if hasattr(dm, "workers") else 0,  # None: automatic
-        )
+        with out_of_memory_advice("in the in-loop evaluation's reference features", self._memory_fix()):
+            self._evaluator.load_reference(
+                reference, num_classes=dm.num_classes,
+                cache_name=dm.reference_cache_name(self.ref_split, spec.weights_sha256), cache_root=self.cache_root,
+                num_workers=dm.workers(trainer.world_size) if hasattr(dm, "workers") else 0,  # None: automatic
+            )
+
+    def _memory_fix(self) -> str:
+        return lower_batch("--fid.batch_size", self.batch_size)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """The metrics of the EMA generator; every rank takes part and gets the same values."""
@@ -363,7 +367,8 @@ class FIDEvaluation(pl.Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self._last_step = step
-        values = self.evaluate(trainer, pl_module)
+        with out_of_memory_advice(f"in the in-loop evaluation at iteration {step}", self._memory_fix()):
+            values = self.evaluate(trainer, pl_module)
         metrics = {f"val/{k}": v for k, v in values.items()}
         improved = "fid" in values and (self.best_fid is None or values["fid"] < self.best_fid)
         if improved:

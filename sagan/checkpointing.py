@@ -110,8 +110,8 @@ class Checkpoint(ModelCheckpoint):
             return  # keep the last good checkpoint untouched; a failing disk is not retried
         if trainer.world_size > 1 and not isinstance(exception, SIGTERMException):
             return  # possibly this rank alone: no collective here (see the class docstring)
-        if not self._should_save_on_exception(trainer):
-            return
+        if not self._should_save_on_exception(trainer) or int(pl_module.g_steps) == 0:
+            return  # nothing worth keeping before the first iteration ends (a batch too large for the GPU)
         candidates = self._monitor_candidates(trainer)  # ModelCheckpoint.on_exception, with a message a user reads
         self._save_checkpoint(trainer, self.format_checkpoint_name(metrics=candidates))
         self._save_last_checkpoint(trainer, candidates)

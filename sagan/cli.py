@@ -34,8 +34,9 @@ from .checkpointing import AtomicCheckpointIO, Checkpoint, Preemption
 from .callbacks import (AttentionMaps, FastMath, FIDEvaluation, LoaderMonitor, RunSummary, SampleGrid,
                         WandbDashboard, wandb_loggers)
 from .data import SAGANData
-from .errors import (ConfigError, RankWarning, SaganError, SaganWarning, did_you_mean, disk_full_message,
-                     is_disk_full, option_keys)
+from .errors import (ConfigError, OutOfMemory, RankWarning, SaganError, SaganWarning, did_you_mean,
+                     disk_full_message, is_disk_full, is_out_of_memory, lower_batch, option_keys,
+                     out_of_memory_message)
 from .module import SAGAN
 from .progress import LineProgress, interactive
 from .strategy import GANDDPStrategy
@@ -264,6 +265,26 @@ class SAGANCLI(LightningCLI):
                 if isinstance(cb, TQDMProgressBar):
                     trainer.callbacks[i] = LineProgress()
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the fit; where torch runs out of memory in a training step (a batch too large for the GPU, often at
+        the first step), one line names the batch size to lower, not a traceback of the allocator. The in-loop
+        evaluation words its own (``fid.batch_size``, see :class:`FIDEvaluation`)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            fix = lower_batch("--data.batch_size", self.datamodule.batch_size) + " (the batch of each process)"
+            if "CUDA" in str(e):
+                fix += (", train in bfloat16 autocast (--trainer.precision bf16-mixed), or share the batch among more "
+                        "GPUs (--trainer.devices N with data.batch_size divided by N)")
+            last = Path(_ckpt_dir(self._get(self.config, "output_root"), self._get(self.config, "experiment")))
+            last = last / "last.ckpt"
+            if last.exists():
+                fix += f". The checkpoints written are intact: resume from {last} with --ckpt_path last"
+            raise OutOfMemory(out_of_memory_message(
+                e, f"in training at iteration {int(self.model.g_steps)}", fix)) from e
 
 
 def _wandb_run_id(ckpt_path: str, ckpt_dir: str) -> str | None:

@@ -6,6 +6,8 @@ import errno
 import re
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -23,6 +25,10 @@ class DataError(SaganError):
 
 class CheckpointError(SaganError):
     """A missing, corrupt or incompatible checkpoint."""
+
+
+class OutOfMemory(SaganError):
+    """The GPU (or the host) ran out of memory for a setting of the user's; the message names what to lower."""
 
 
 class SaganWarning(UserWarning):
@@ -86,6 +92,43 @@ class ArgumentParser(argparse.ArgumentParser):
             if unknown:
                 message = f"unrecognized arguments: {' '.join(unknown)}"
         super().error(f"{message}{did_you_mean(message, option_keys(self))}")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory error: a GPU's (``torch.OutOfMemoryError``, CUDA or MPS) or the CPU allocator's (a
+    ``RuntimeError``; where the kernel overcommits, the host kills the process instead, which nothing can catch)."""
+    return type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def out_of_memory_message(e: BaseException, where: str, fix: str) -> str:
+    """One line: the memory that ran out and ``where``, torch's figures (what was asked for, what the GPU has),
+    and ``fix``."""
+    text = " ".join(str(e).split())
+    memory = "GPU" if "CUDA" in text else "MPS" if "MPS" in text else "host"
+    figures = [m.replace("Tried", "tried") for m in re.findall(
+        r"Tried to allocate [\d.]+ \w+|GPU \d+ has a total capacity of [\d.]+ \w+ of which [\d.]+ \w+ is free", text)]
+    asked = re.search(r"you tried to allocate (\d+) bytes", text)
+    if asked:
+        figures.append(f"tried to allocate {int(asked.group(1)) / 2**30:.2f} GiB")
+    return f"out of {memory} memory {where}" + (f" ({'; '.join(figures)})" if figures else "") + f": {fix}"
+
+
+def lower_batch(flag: str, value: int) -> str:
+    """The fix for running out of memory: ``lower --batch-size (now 64; e.g. --batch-size 32)``."""
+    return f"lower {flag} (now {value}; e.g. {flag} {max(1, value // 2)})"
+
+
+@contextmanager
+def out_of_memory_advice(where: str, fix: str) -> Iterator[None]:
+    """Turn torch's out-of-memory error inside the block into :class:`OutOfMemory`, worded by
+    :func:`out_of_memory_message`, so the CLI prints one line that names the setting to lower."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(out_of_memory_message(e, where, fix)) from e
 
 
 def is_disk_full(e: BaseException) -> bool:

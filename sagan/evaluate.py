@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import ArgumentParser, DataError, SaganError, disk_full_exit, write_failure_reason
+from .errors import (ArgumentParser, DataError, SaganError, disk_full_exit, lower_batch,
+                     out_of_memory_advice, write_failure_reason)
 from .files import atomic_file
 from .metrics import (INCEPTION, MetricsError, UInt8Images, compute_metrics, parse_metrics,
                       resolve_feature_extractor)
@@ -303,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                                "at the model's resolution")
         if a.ckpt:
             started = _init_distributed()
-        out = evaluate_checkpoint(a) if a.ckpt else evaluate_folders(a)
+        with out_of_memory_advice("in generating or scoring images", lower_batch("--batch-size", a.batch_size)):
+            out = evaluate_checkpoint(a) if a.ckpt else evaluate_folders(a)
     except SaganError as e:
         print(f"sagan evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from .errors import ArgumentParser, SaganError, disk_full_exit
+from .errors import ArgumentParser, SaganError, disk_full_exit, lower_batch, out_of_memory_advice
 from .models import Generator
 from .progress import track
 from .sampling import (class_names, generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds,
@@ -224,7 +224,8 @@ def attention_maps(g: Generator, seeds: list[int], a: argparse.Namespace, out: P
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        summary = run(a)
+        with out_of_memory_advice("in generating images", lower_batch("--batch-size", a.batch_size)):
+            summary = run(a)
     except SaganError as e:
         print(f"sagan generate: error: {e}", file=sys.stderr)
         return 2

@@ -316,3 +316,71 @@ def test_an_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
     with atomic_file(path) as f:
         f.write(b"new")
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def _out_of_memory(*a, **k):
+    raise torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB "
+        "is free. Including non-PyTorch memory, this process has 78.12 GiB memory in use.")
+
+
+@pytest.mark.parametrize("at", [0, 2])
+def test_out_of_memory_in_training_names_the_batch_size(tmp_path, monkeypatch, capsys, at):
+    """A batch too large for the GPU: one line with torch's figures and the settings to lower, no traceback. At the
+    first iteration nothing is saved (a rerun with a smaller batch needs no --overwrite); later the checkpoints
+    written stay and the line says how to resume."""
+    import sagan.module
+
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--experiment", "oom", "--samples.every_n_steps", "0",
+            "--checkpoint.every_n_train_steps", "2", "--trainer.max_steps", "8"]
+    g_step = sagan.module.SAGAN.g_step
+
+    def g_step_until(self, *a, **k):
+        return (_out_of_memory if self.g_steps == at else g_step)(self, *a, **k)
+
+    monkeypatch.setattr(sagan.module.SAGAN, "g_step", g_step_until)
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert (f"sagan: error: out of GPU memory in training at iteration {at} (tried to allocate 2.00 GiB; GPU 0 has a "
+            "total capacity of 79.19 GiB of which 1.06 GiB is free): lower --data.batch_size (now 16; e.g. "
+            "--data.batch_size 8)") in err, err
+    assert "bf16-mixed" in err and "Traceback" not in err, err
+    last = tmp_path / "oom/checkpoints/last.ckpt"
+    if at == 0:
+        assert not last.exists() and "--ckpt_path" not in err
+        monkeypatch.setattr(sagan.module.SAGAN, "g_step", g_step)
+        assert run_cli([*args, "--data.batch_size", "8"]) == 0  # not refused as a finished run's folder
+    else:
+        assert _state(last)["sagan"]["g_steps"] == at and f"resume from {last} with --ckpt_path last" in err
+
+
+def test_out_of_memory_in_the_in_loop_evaluation_names_its_batch_size(tmp_path, monkeypatch, capsys):
+    import sagan.metrics
+
+    monkeypatch.setattr(sagan.metrics.Evaluator, "generator", _out_of_memory)
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--data.batch_size", "16",
+            "--output_root", str(tmp_path), "--experiment", "oom", "--samples.every_n_steps", "0",
+            "--fid.every_n_steps", "2", "--fid.num_samples", "100", "--trainer.max_steps", "8"]
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err
+    assert "out of GPU memory in the in-loop evaluation at iteration 2 (" in err, err
+    assert "lower --fid.batch_size (now 100; e.g. --fid.batch_size 50)" in err and "Traceback" not in err, err
+    assert _state(tmp_path / "oom/checkpoints/last.ckpt")["sagan"]["g_steps"] == 2  # saved: training was fine
+
+
+def test_out_of_memory_in_evaluate_and_generate_names_batch_size(tmp_path, monkeypatch, capsys):
+    import sagan.models
+
+    args, last, _ = _a_run_with_a_checkpoint(tmp_path, "oom")
+    monkeypatch.setattr(sagan.models.Generator, "forward", _out_of_memory)
+    capsys.readouterr()
+    assert run_cli(["evaluate", "--ckpt", str(last), "--num-samples", "20", "--metrics", "prc",
+                    "--batch-size", "10", "--allow-few-samples"]) == 2
+    err = capsys.readouterr().err
+    assert "sagan evaluate: error: out of GPU memory in generating or scoring images (" in err, err
+    assert "lower --batch-size (now 10; e.g. --batch-size 5)" in err and "Traceback" not in err, err
+    assert run_cli(["generate", "--ckpt", str(last), "--outdir", str(tmp_path / "s"), "--num", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "sagan generate: error: out of GPU memory in generating images (" in err, err
+    assert "lower --batch-size (now 64; e.g. --batch-size 32)" in err and "Traceback" not in err, err
