@@ -228,6 +228,14 @@ class SAGANCLI(LightningCLI):
                 args["name"] = cfg.experiment
             if not args.get("offline") and "WANDB_MODE" not in os.environ and not wandb_configured():
                 args["offline"] = True
+            if args.get("offline") and args.get("log_model"):
+                # Lightning refuses log_model with offline=True (a traceback), though W&B's offline mode keeps
+                # the checkpoints as artifacts of the offline run and `wandb sync` uploads them
+                args["offline"], args["mode"] = False, "offline"
+                warnings.warn("trainer.logger.log_model: this run logs to W&B offline (W&B is not set up here, or "
+                              "offline was asked for), so its checkpoints are kept as artifacts of the offline run "
+                              "(copies under W&B's staging folder, ~/.local/share/wandb) and uploaded when you "
+                              "`wandb sync` it", SaganWarning, stacklevel=1)
             online = (not args.get("offline") and args.get("mode") not in ("offline", "disabled")
                       and os.environ.get("WANDB_MODE", "online") not in ("offline", "dryrun", "disabled"))
             if online and cfg.ckpt_path and args.get("id") is None and args.get("version") is None:

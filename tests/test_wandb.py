@@ -109,3 +109,21 @@ def test_a_resume_continues_the_checkpoints_wandb_run_when_online(wandb_run, mon
     assert configure("last", offline=True) == (None, None)
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert configure("last") == (None, None)
+
+
+@pytest.mark.parametrize("offline", ["not set up", "asked for"])
+def test_log_model_offline_keeps_checkpoints_as_artifacts_of_the_offline_run(tmp_path, monkeypatch, recwarn, offline):
+    """--trainer.logger.log_model true where W&B is not set up (or offline is asked for): Lightning refused the
+    pair (a traceback); the run logs offline with its checkpoints as artifacts that `wandb sync` uploads."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # W&B's staging copies of the artifacts
+    ask = ["--trainer.logger.init_args.offline", "true"] if offline == "asked for" else []
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path), "--experiment", "m",
+            *TINY[:-2], "--trainer.max_steps", "4", "--data.batch_size", "8", "--samples.every_n_steps", "0",
+            "--checkpoint.every_n_train_steps", "2", "--trainer.logger.init_args.log_model", "true", *ask]
+    assert run_cli(args) == 0
+    assert any("log_model: this run logs to W&B offline" in str(w.message) for w in recwarn)
+    (run,) = (tmp_path / "m" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert f"model-{run.stem.removeprefix('run-')}".encode() in run.read_bytes()  # the checkpoint artifact
