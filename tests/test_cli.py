@@ -414,3 +414,18 @@ def test_fast_dev_run_in_a_finished_run_folder_writes_no_checkpoint_and_keeps_it
     assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
     assert (folder / "last.ckpt").read_bytes() == b"the run's last checkpoint"
     assert (tmp_path / "r" / "config.yaml").read_text() == "the run's config\n"
+
+
+def test_multi_gpu_script_reads_paths_from_where_it_is_run(tmp_path):
+    """scripts/train_multi_gpu.sh finds its venv and ddp.yaml beside itself; the config and paths given to it are
+    read from the caller's folder, as with `sagan fit` (it changed to the repository first: a config there was
+    not found)."""
+    import subprocess
+
+    if not (REPO / ".venv/bin/sagan").exists():
+        pytest.skip("needs the project's .venv (make install)")
+    (tmp_path / "mine.yaml").write_text("data:\n  root: my_images\n")
+    res = subprocess.run(["bash", str(REPO / "scripts/train_multi_gpu.sh"), "mine.yaml", "--print_config"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "root: my_images" in res.stdout and "GANDDPStrategy" in res.stdout
