@@ -15,6 +15,7 @@ from torchvision.utils import save_image
 
 from .checkpointing import naming_the_file, set_aside_previous_run
 from .errors import ConfigError, SaganError, lower_batch, out_of_memory_advice
+from .files import user_path
 
 
 class _FreshFolder(pl.Callback):
@@ -289,6 +290,7 @@ class FIDEvaluation(pl.Callback):
                 raise ConfigError(f"fid.num_samples and fid.batch_size must be >= 1, got {num_samples} and "
                                   f"{batch_size}")
         self.every_n_steps, self.num_samples, self.metrics = every_n_steps, num_samples, list(metrics)
+        weights_path, cache_root = (user_path(p) if p else p for p in (weights_path, cache_root))
         self.feature_extractor, self.weights_path, self.fid_layer = feature_extractor, weights_path, fid_layer
         self.ref_split, self.cache_root, self.batch_size, self.seed = ref_split, cache_root, batch_size, seed
         self.dirpath = dirpath

@@ -37,25 +37,26 @@ from .data import SAGANData
 from .errors import (ConfigError, OutOfMemory, RankWarning, SaganError, SaganWarning, did_you_mean,
                      disk_full_message, is_disk_full, is_out_of_memory, lower_batch, option_keys,
                      out_of_memory_message)
+from .files import user_path
 from .module import SAGAN
 from .progress import LineProgress, interactive
 from .strategy import GANDDPStrategy
 
 
 def _run_dir(output_root: str, experiment: str) -> str:
-    return str(Path(output_root) / experiment)
+    return str(Path(user_path(output_root)) / experiment)
 
 
 def _ckpt_dir(output_root: str, experiment: str) -> str:
-    return str(Path(output_root) / experiment / "checkpoints")
+    return str(Path(user_path(output_root)) / experiment / "checkpoints")
 
 
 def _samples_dir(output_root: str, experiment: str) -> str:
-    return str(Path(output_root) / experiment / "samples")
+    return str(Path(user_path(output_root)) / experiment / "samples")
 
 
 def _attention_dir(output_root: str, experiment: str) -> str:
-    return str(Path(output_root) / experiment / "attention")
+    return str(Path(user_path(output_root)) / experiment / "attention")
 
 
 def wandb_configured() -> bool:
@@ -155,6 +156,8 @@ class SAGANCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         cfg = self.config[self.subcommand]
+        if cfg.ckpt_path and cfg.ckpt_path.startswith("~"):  # not "last", "hpc", "registry:..."
+            cfg.ckpt_path = user_path(cfg.ckpt_path)
         self._configure_wandb(cfg)
         run_dir = Path(_run_dir(cfg.output_root, cfg.experiment))
         try:  # an unwritable output folder fails now, not at the first checkpoint

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from torchvision import transforms
 
 from .errors import ConfigError, DataError, RankWarning, SaganWarning
+from .files import user_path
 from .models import check_resolution
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".tif", ".tiff", ".webp",
@@ -530,6 +531,7 @@ class SAGANData(pl.LightningDataModule):
         background: str | None = None,
     ) -> None:
         super().__init__()
+        root = user_path(root) if root else root  # before save_hyperparameters: the checkpoint keeps the real path
         rgb = parse_background(background)
         if bad_images not in ("stop", "skip"):
             raise ConfigError(f"data.bad_images must be 'stop' or 'skip', got {bad_images!r}")

@@ -30,7 +30,7 @@ import yaml
 
 from .errors import (ArgumentParser, DataError, SaganError, disk_full_exit, lower_batch,
                      out_of_memory_advice, write_failure_reason)
-from .files import atomic_file
+from .files import atomic_file, user_path
 from .metrics import (INCEPTION, MetricsError, UInt8Images, compute_metrics, parse_metrics,
                       resolve_feature_extractor)
 
@@ -42,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sagan evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="checkpoint written by 'sagan fit'")
-    src.add_argument("--folders", nargs=2, metavar=("FIRST", "SECOND"),
+    src.add_argument("--ckpt", type=user_path, help="checkpoint written by 'sagan fit'")
+    src.add_argument("--folders", nargs=2, type=user_path, metavar=("FIRST", "SECOND"),
                      help="compare two image folders (or zips of them)")
-    p.add_argument("--config", help="YAML whose data: section replaces the checkpoint's data settings")
-    p.add_argument("--data-root", help="override data.root (e.g. the data set lives elsewhere on this machine)")
+    p.add_argument("--config", type=user_path, help="YAML whose data: section replaces the checkpoint's data settings")
+    p.add_argument("--data-root", type=user_path, help="override data.root (e.g. the data set lives elsewhere on this machine)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images (default 10000)")
     p.add_argument("--resolution", type=int, default=None,
                    help="with --folders: the size both folders' images are resized and centre-cropped to "
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of fid,isc,kid,prc (default fid,prc: FID, precision and recall)")
     p.add_argument("--feature-extractor", default="auto",
                    help=f"'auto' (digits-mlp for the digits set, else {INCEPTION}) or a torch-fidelity name")
-    p.add_argument("--weights", help="feature-extractor weights file (else $SAGAN_INCEPTION_WEIGHTS, hub cache, download)")
+    p.add_argument("--weights", type=user_path, help="feature-extractor weights file (else $SAGAN_INCEPTION_WEIGHTS, hub cache, download)")
     p.add_argument("--fid-layer", help="feature layer for FID/KID (default: the extractor's, 2048 for Inception)")
     p.add_argument("--ref-split", default="train", help="reference split of the training data (default train)")
     p.add_argument("--floor", action="store_true",
@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw generator instead of the EMA one")
-    p.add_argument("--cache-root", help="folder of cached reference statistics (default torch-fidelity's)")
+    p.add_argument("--cache-root", type=user_path, help="folder of cached reference statistics (default torch-fidelity's)")
     p.add_argument("--num-workers", type=int, default=0, help="loader workers for the reference images")
-    p.add_argument("--json", help="where to write the JSON (default: next to the checkpoint)")
+    p.add_argument("--json", type=user_path, help="where to write the JSON (default: next to the checkpoint)")
     return p
 
 

@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def user_path(path: str) -> str:
+    """A path as the user wrote it, with a leading ``~`` or ``~user`` expanded, as a shell would: YAML configs,
+    ``--opt=~/x`` and environment variables reach sagan unexpanded, and ``~/data`` was read as a folder named
+    ``~`` in the current one (``output_root: ~/runs`` created one)."""
+    return os.path.expanduser(path)
+
+
 def tmp_path(path: Path) -> Path:
     """Where :func:`atomic_file` writes before the rename: ``PATH.tmp-<pid>`` (``sagan prepare`` names its
     temporary folder the same way)."""

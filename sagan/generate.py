@@ -23,6 +23,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .errors import ArgumentParser, SaganError, disk_full_exit, lower_batch, out_of_memory_advice
+from .files import user_path
 from .models import Generator
 from .progress import track
 from .sampling import (class_names, generator_from_checkpoint, labels_for_seeds, latent_for_seed, latents_for_seeds,
@@ -33,8 +34,8 @@ from .visualize import attention_figure, check_query_points, default_query_point
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="sagan generate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by 'sagan fit'")
-    p.add_argument("--outdir", required=True, help="output folder")
+    p.add_argument("--ckpt", type=user_path, required=True, help="checkpoint written by 'sagan fit'")
+    p.add_argument("--outdir", type=user_path, required=True, help="output folder")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--seeds", help="seeds, e.g. 0-99 or 1,5,9 (default 0-63)")
     which.add_argument("--num", "--num-samples", dest="num", type=int,

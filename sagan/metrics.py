@@ -40,7 +40,7 @@ from . import features
 from .diversity import (NDB_ALPHA, bin_counts, class_spread, fit_bins, ndb_fit_indices, ndb_jsd, spread_indices,
                         spread_per_class)
 from .errors import SaganError, SaganWarning, write_failure_reason
-from .files import atomic_file
+from .files import atomic_file, user_path
 
 INCEPTION = "inception-v3-compat"
 WEIGHTS_ENV = "SAGAN_INCEPTION_WEIGHTS"
@@ -164,6 +164,7 @@ def resolve_feature_extractor(name: str = INCEPTION, weights_path: str | None = 
             )
         return FeatureSpec(name, weights_path, sha256_file(weights_path) if weights_path else "download")
     path = weights_path or os.environ.get(WEIGHTS_ENV) or None
+    path = user_path(path) if path else None
     hub = inception_hub_path()
     if path is not None:
         if not Path(path).is_file():

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .errors import ArgumentParser, DataError, SaganError, disk_full_exit
-from .files import tmp_path
+from .files import tmp_path, user_path
 
 FORMAT = "sagan-prepared"
 VERSION = 1
@@ -282,11 +282,11 @@ def prepare(
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="sagan prepare", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True,
+    p.add_argument("--source", type=user_path, required=True,
                    help="an image folder (flat or one subfolder per class) or a .zip of one, or 'cifar10'")
-    p.add_argument("--root", help="CIFAR-10's root folder (with --source cifar10)")
+    p.add_argument("--root", type=user_path, help="CIFAR-10's root folder (with --source cifar10)")
     p.add_argument("--split", default="train", help="CIFAR-10 split: train or test (default train)")
-    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--out", type=user_path, required=True, help="folder to create")
     p.add_argument("--resolution", type=int, required=True, help="32, 64 or 128")
     p.add_argument("--channels", type=int, default=3, help="1 (grayscale) or 3 (default)")
     p.add_argument("--bad-images", choices=("stop", "skip"), default="stop",

@@ -429,3 +429,35 @@ def test_multi_gpu_script_reads_paths_from_where_it_is_run(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "root: my_images" in res.stdout and "GANDDPStrategy" in res.stdout
+
+
+def test_a_leading_tilde_is_the_home_folder_in_every_path_setting(tmp_path, monkeypatch):
+    """`root: ~/data` in a YAML config, `--opt=~/x` and $SAGAN_INCEPTION_WEIGHTS reach sagan unexpanded (no shell
+    expands them): data.root was 'not found' and output_root made a folder named '~' in the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "home/imgs", 8, size=32)
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("data:\n  dataset: folder\n  root: ~/imgs\n  resolution: 32\n  batch_size: 4\n  num_workers: 0\n"
+                   "output_root: ~/runs\n")
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--config", str(cfg),
+            "--experiment", "t", "--samples.every_n_steps", "0"]
+    assert run_cli([*args, "--trainer.max_steps", "2"]) == 0
+    last = tmp_path / "home/runs/t/checkpoints/last.ckpt"
+    assert last.is_file() and not (tmp_path / "~").exists()
+    assert run_cli([*args, "--trainer.max_steps", "4", "--ckpt_path=~/runs/t/checkpoints/last.ckpt"]) == 0
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert run_cli(["generate", "--ckpt=~/runs/t/checkpoints/last.ckpt", "--outdir=~/gen", "--num", "2"]) == 0
+    assert len(list((tmp_path / "home/gen").glob("*.png"))) == 2
+    assert run_cli(["prepare", "--source=~/imgs", "--out=~/prep", "--resolution", "32"]) == 0
+    assert (tmp_path / "home/prep/manifest.json").is_file()
+    assert run_cli(["evaluate", "--folders", "~/imgs", "~/imgs", "--feature-extractor", "digits-mlp", "--metrics", "prc",
+                    "--allow-few-samples", "--json=~/m.json"]) == 0
+    assert (tmp_path / "home/m.json").is_file()
+    from sagan.metrics import WEIGHTS_ENV, MetricsError, resolve_feature_extractor
+
+    (tmp_path / "home/w.pth").write_bytes(b"not weights")
+    monkeypatch.setenv(WEIGHTS_ENV, "~/w.pth")
+    with pytest.raises(MetricsError, match=f"file '{tmp_path / 'home/w.pth'}' is not a plain state dict"):
+        resolve_feature_extractor()  # found (and read) at the expanded path
+    assert not (tmp_path / "~").exists()
