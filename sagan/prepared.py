@@ -310,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return disk_full_exit("sagan prepare", e, a.out, "free space or choose another --out")
     dt = time.perf_counter() - t
+    labels = f"{len(m['classes'])} classes" if m["classes"] else "unlabelled"
     print(f"sagan prepare: {m['count']} images ({m['channels']}x{m['resolution']}x{m['resolution']}, "
-          f"{len(m['classes'])} classes) in {a.out} ({dt:.1f} s, {m['count'] / max(dt, 1e-9):.0f} images/s)"
+          f"{labels}) in {a.out} ({dt:.1f} s, {m['count'] / max(dt, 1e-9):.0f} images/s)"
           + (f"; skipped {len(m['skipped'])} unreadable files (listed in {MANIFEST})" if m["skipped"] else ""))
     print(f"  train on it: sagan fit --config CONFIG --data.dataset prepared --data.root {a.out}")
     return 0
