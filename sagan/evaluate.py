@@ -90,6 +90,12 @@ def _datamodule(ckpt: dict[str, Any], config: str | None, data_root: str | None)
         hp["root"] = data_root
     if not hp:
         raise SaganError("the checkpoint stores no data settings: pass --config with a data: section")
+    root = hp.get("root")
+    if root and hp.get("dataset") != "digits" and not Path(user_path(root)).exists():  # the reference images are not here
+        raise SaganError(
+            f"--data-root {root!r} does not exist" if data_root else
+            f"the training data of this checkpoint, data.root {root!r}, is not on this machine: pass --data-root "
+            "with where it is here (the reference statistics are computed from it)")
     try:
         return SAGANData(**hp)
     except TypeError as e:

@@ -87,6 +87,14 @@ def test_in_loop_fid_and_the_floor_on_an_image_folder(tmp_path, capsys, monkeypa
     assert [ds.samples[i][1] for i in first.indices].count(0) == 35  # each class split in half
     assert _split_halves(ds, dm.labels(), seed=1)[0].indices != first.indices
 
+    # the training images moved (another machine): the fix is named before the generator is loaded
+    (tmp_path / "pets").rename(tmp_path / "pets-moved")
+    for extra, said in (([], "data.root '" + str(tmp_path / "pets") + "', is not on this machine: pass --data-root"),
+                        (["--data-root", str(tmp_path / "gone")], f"--data-root '{tmp_path / 'gone'}' does not exist")):
+        assert evaluate_main(["--ckpt", ckpt, "--feature-extractor", "digits-mlp", "--num-samples", "64", *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
+
 def test_in_loop_line_names_the_least_varied_classes(tmp_path, capsys):
     """The console line of each in-loop evaluation ends with the three classes of lowest spread, lowest first; the
     first of them is the class whose spread is val/spread_min."""
