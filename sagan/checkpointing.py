@@ -75,9 +75,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        """Always ``weights_only=True``, onto the CPU; Lightning moves weights and optimizer states to the device."""
+        """Always ``weights_only=True``, onto the CPU; Lightning moves weights and optimizer states to the device.
+        The plain state dict that Lightning's fork launcher (``ddp_fork``, ``ddp_notebook``) hands from rank 0 to
+        the main process after the fit is not a training checkpoint, and is returned as it is."""
         from .sampling import load_checkpoint
 
+        if Path(path).name == ".temp.ckpt":  # _MultiProcessingLauncher's file, in a fresh temporary folder
+            return torch.load(path, map_location="cpu", weights_only=True)
         return load_checkpoint(path)
 
 

@@ -190,6 +190,16 @@ class SAGANCLI(LightningCLI):
                 f"trainer.precision {precision} is not supported: sagan trains float32 weights (spectral norm's power "
                 "iteration, Adam's moments and the EMA need them); use bf16-mixed (bfloat16 autocast, on GPUs from "
                 "Ampere on), 16-mixed (float16 autocast with a gradient scaler) or 32-true")
+        strategy = trainer.get("strategy")
+        if isinstance(strategy, str) and strategy.startswith("ddp_spawn"):  # a traceback when the worker started
+            raise ConfigError(
+                f"trainer.strategy {strategy} starts its processes by pickling the model, which torch cannot do for "
+                "spectral norm's parametrized layers: use ddp (configs/trainer/ddp.yaml), or ddp_notebook in a notebook")
+        if isinstance(strategy, str) and strategy.startswith(("fsdp", "deepspeed", "xla", "single_tpu", "single_xla")):
+            raise ConfigError(
+                f"trainer.strategy {strategy} is not supported: sagan steps G and D by hand, one optimizer each, with "
+                "one DistributedDataParallel per network (ddp; configs/trainer/ddp.yaml), and needs no sharding (the "
+                "largest config, imagenet128, trains 71M parameters)")
         accelerator = trainer.get("accelerator")
         if trainer.get("sync_batchnorm") and (accelerator in ("cpu", "mps") or (
                 accelerator == "auto" and not torch.cuda.is_available())):
@@ -311,11 +321,17 @@ def _wandb_run_id(ckpt_path: str, ckpt_dir: str) -> str | None:
     return run_id if isinstance(run_id, str) and run_id else None
 
 
+FORK_DDP = ("ddp_fork", "ddp_fork_find_unused_parameters_false", "ddp_notebook",
+            "ddp_notebook_find_unused_parameters_false")
+
+
 def _gan_strategy(trainer_cfg: dict) -> GANDDPStrategy | None:
     """``--trainer.strategy ddp`` (or 'auto' on several devices or nodes) means the GAN-aware DDP here: one
     DistributedDataParallel per network (plain DDP around the whole module would need find_unused_parameters)."""
     strategy = trainer_cfg.get("strategy", "auto")
-    if not isinstance(strategy, str) or strategy not in ("ddp", "auto"):
+    if isinstance(strategy, str) and strategy in FORK_DDP:  # Lightning's fork launcher (notebooks): the same DDP
+        return GANDDPStrategy(start_method="fork")
+    if not isinstance(strategy, str) or strategy not in ("ddp", "auto", "ddp_find_unused_parameters_false"):
         return None
     if strategy == "auto":
         devices, accelerator = trainer_cfg.get("devices", "auto"), str(trainer_cfg.get("accelerator", "auto"))

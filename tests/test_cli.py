@@ -179,6 +179,9 @@ def test_gpu_preset_on_a_machine_without_gpu_is_one_clear_error(tmp_path, capsys
     (["--trainer.accumulate_grad_batches", "2"], "accumulate_grad_batches 2 is not supported: sagan's D and G steps"),
     (["--trainer.precision", "bf16-true"], "trainer.precision bf16-true is not supported: sagan trains float32"),
     (["--trainer.precision", "64"], "trainer.precision 64 is not supported: sagan trains float32 weights"),
+    (["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "ddp_spawn starts its processes by pickling"),
+    (["--trainer.devices", "2", "--trainer.strategy", "fsdp"], "trainer.strategy fsdp is not supported: sagan"),
+    (["--trainer.strategy", "deepspeed_stage_2"], "trainer.strategy deepspeed_stage_2 is not supported"),
 ])
 def test_settings_that_would_fail_mid_run_are_refused_before_it(tmp_path, capsys, flags, says):
     """Values that used to pass and then fail with a traceback in the first optimizer step, evaluation or
