@@ -294,6 +294,11 @@ class SAGANCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except RuntimeError as e:
+            if self.model.hparams.get("compile") and _compile_error(e):
+                fix = ("install one (g++ or clang++; or point $CXX to it), or " if "C++ compiler" in str(e) else "")
+                raise ConfigError(f"model.compile: torch.compile failed ({type(e).__name__}: {_first_line(e)[:300]}): "
+                                  f"{fix}train without it (--model.compile false); it pays on GPUs, and "
+                                  "costs minutes of compilation on a CPU") from e
             if not is_out_of_memory(e):
                 raise
             fix = lower_batch("--data.batch_size", self.datamodule.batch_size) + " (the batch of each process)"
@@ -533,6 +538,12 @@ def _stopped_for_another_process(prog: str, e: BaseException) -> None:
     print(f"{prog}: error: [rank {dist_info()[0]}] stopped: another process of this job failed (its error is "
           f"printed above or in its own log) or the connection to it broke ({_first_line(e)})", file=sys.stderr)
     sys.exit(1)
+
+
+def _compile_error(e: BaseException) -> bool:
+    """An error of torch.compile's own machinery (TorchDynamo, Inductor: no C++ compiler, an unsupported op), not
+    of the model it compiles."""
+    return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) for c in type(e).__mro__)
 
 
 def _first_line(e: BaseException) -> str:

@@ -464,3 +464,25 @@ def test_a_leading_tilde_is_the_home_folder_in_every_path_setting(tmp_path, monk
     with pytest.raises(MetricsError, match=f"file '{tmp_path / 'home/w.pth'}' is not a plain state dict"):
         resolve_feature_extractor()  # found (and read) at the expanded path
     assert not (tmp_path / "~").exists()
+
+
+def test_a_failing_torch_compile_is_one_line_naming_the_switch(tmp_path, monkeypatch, capsys):
+    """--model.compile true where Inductor finds no C++ compiler (a CPU machine without g++): 130 lines of torch's
+    traceback at the first step; now one line with the fix. An error of the model itself stays a traceback."""
+    import torch._inductor.exc as inductor
+
+    def no_compiler(module, mode=None):
+        def run(*a, **k):
+            raise inductor.InductorError(inductor.InvalidCxxCompiler(), None)
+        return run
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--output_root", str(tmp_path),
+            "--trainer.max_steps", "4", "--samples.every_n_steps", "0", "--model.compile", "true"]
+    assert run_cli(args) == 2
+    _one_line_error(capsys, "model.compile: torch.compile failed (InductorError: InvalidCxxCompiler: No working C++ "
+                    "compiler found")
+    assert not list(tmp_path.rglob("*.ckpt"))
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: (lambda *a, **k: 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        run_cli(args + ["--overwrite", "true"])
