@@ -27,6 +27,7 @@ import torch
 from lightning_utilities.core.imports import compare_version
 from pytorch_lightning import LightningModule, Trainer
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -281,6 +282,8 @@ class SAGANCLI(LightningCLI):
             init = getattr(lg, "_wandb_init", None)
             if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
                 del init["anonymous"]
+            if type(lg) is WandbLogger:
+                lg.__class__ = _WandbOrOffline
         if not interactive(sys.stdout):  # a log file, CI, SLURM: lines, not a redrawn bar
             for i, cb in enumerate(trainer.callbacks):
                 if isinstance(cb, TQDMProgressBar):
@@ -311,6 +314,30 @@ class SAGANCLI(LightningCLI):
                 fix += f". The checkpoints written are intact: resume from {last} with --ckpt_path last"
             raise OutOfMemory(out_of_memory_message(
                 e, f"in training at iteration {int(self.model.g_steps)}", fix)) from e
+
+
+class _WandbOrOffline(WandbLogger):
+    """Lightning's ``WandbLogger`` whose run, where W&B cannot be reached or refuses the login (a compute node
+    without internet, an expired key), logs offline with one warning, so the training job goes on: W&B's error
+    ended the fit at its start, after W&B's own retries (90 s), with a traceback. ``wandb sync`` uploads it later."""
+
+    @property
+    def experiment(self):  # noqa: ANN201 - W&B's Run (or Lightning's dummy on other ranks)
+        from wandb.errors import Error as WandbError
+
+        try:
+            return WandbLogger.experiment.fget(self)
+        except WandbError as e:
+            if self._wandb_init.get("mode") == "offline":
+                raise
+            # a fresh offline run: W&B cannot continue a run offline (see SAGANCLI._configure_wandb)
+            self._wandb_init.update(mode="offline", id=None)
+            self._experiment = None
+            warnings.warn(f"W&B could not start this run online ({type(e).__name__}: {_first_line(e)}): it logs "
+                          f"offline instead, under {self.save_dir}/wandb; upload it with `wandb sync` where W&B is "
+                          "reachable (WANDB_MODE=offline skips the wait on machines without internet)",
+                          SaganWarning, stacklevel=1)
+            return WandbLogger.experiment.fget(self)
 
 
 def _wandb_run_id(ckpt_path: str, ckpt_dir: str) -> str | None:

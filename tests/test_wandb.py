@@ -127,3 +127,26 @@ def test_log_model_offline_keeps_checkpoints_as_artifacts_of_the_offline_run(tmp
     assert any("log_model: this run logs to W&B offline" in str(w.message) for w in recwarn)
     (run,) = (tmp_path / "m" / "wandb").glob("offline-run-*/run-*.wandb")
     assert f"model-{run.stem.removeprefix('run-')}".encode() in run.read_bytes()  # the checkpoint artifact
+
+
+def test_an_unreachable_wandb_logs_offline_and_training_goes_on(tmp_path):
+    """W&B set up (a key) on a machine that cannot reach it (a compute node without internet): W&B's error ended
+    the fit at its start, after its retries, with a traceback; now the run logs offline, with one warning. A fresh
+    process: W&B ignores changes to its environment once a session has started in this one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(WANDB_API_KEY="0" * 40, WANDB_BASE_URL="http://127.0.0.1:9",  # nothing listens: refused at once
+               WANDB_INIT_TIMEOUT="5", PYTHONDONTWRITEBYTECODE="1")
+    args = ["fit", "--config", str(REPO / "configs/digits.yaml"), "--output_root", str(tmp_path), "--experiment", "u",
+            *TINY[:-2], "--trainer.max_steps", "4", "--data.batch_size", "8", "--samples.every_n_steps", "0"]
+    res = subprocess.run([sys.executable, "-m", "sagan.cli", *args], capture_output=True, text=True, env=env,
+                         timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [line for line in res.stderr.splitlines() if "W&B could not start this run online" in line]
+    assert len(said) == 1 and "CommError" in said[0] and "wandb sync" in said[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert len(list((tmp_path / "u" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert (tmp_path / "u/checkpoints/last.ckpt").is_file()
