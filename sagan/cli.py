@@ -474,6 +474,13 @@ def main(args: list[str] | None = None) -> None:
         if not _peer_failed(e):
             raise
         _stopped_for_another_process("sagan", e)
+    except (ImportError, ValueError) as e:  # a class named in the config that cannot be built (missing package)
+        said = _instantiation_error(e)
+        _finish_wandb(exit_code=2 if said else 1)
+        if said is None:
+            raise
+        print(f"sagan: error: {said}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C before training starts (Lightning handles it during the fit)
         _finish_wandb(exit_code=130)
         print("sagan: interrupted", file=sys.stderr)
@@ -565,6 +572,28 @@ def _stopped_for_another_process(prog: str, e: BaseException) -> None:
     print(f"{prog}: error: [rank {dist_info()[0]}] stopped: another process of this job failed (its error is "
           f"printed above or in its own log) or the connection to it broke ({_first_line(e)})", file=sys.stderr)
     sys.exit(1)
+
+
+def _instantiation_error(e: BaseException) -> str | None:
+    """One line for a class named in the config or on the command line (a callback, a logger) that could not be
+    built or set up because of a missing package (``RichProgressBar`` without rich, ``DeviceStatsMonitor`` without
+    psutil) or a setting its own checks refuse: the cause under jsonargparse's wrapping, with the class path it
+    names. None for any other error, which keeps its traceback."""
+    import re
+
+    chain, cause = [], e
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__
+    root = chain[-1]
+    if not isinstance(root, (ImportError, MisconfigurationException)):
+        return None
+    if root is e and not isinstance(e, ModuleNotFoundError):  # unwrapped: only a missing package, not a bug
+        return None
+    paths = [m.group(1) for c in chain if (m := re.search(r"Problem with given class_path '([^']+)'", str(c)))]
+    message = " ".join(str(root).split())
+    missing = " (a package it needs is not installed: install it, or drop that class)"
+    return (f"{paths[-1]}: " if paths else "") + message + (missing if isinstance(root, ImportError) else "")
 
 
 def _compile_error(e: BaseException) -> bool:

@@ -2,6 +2,7 @@
 
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 
@@ -486,3 +487,29 @@ def test_a_failing_torch_compile_is_one_line_naming_the_switch(tmp_path, monkeyp
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: (lambda *a, **k: 1 / 0))
     with pytest.raises(ZeroDivisionError):
         run_cli(args + ["--overwrite", "true"])
+
+
+class NeedsAbsentPackage(pl.Callback):
+    """A callback that, like Lightning's RichProgressBar without rich, cannot be built here."""
+
+    def __init__(self) -> None:
+        raise ModuleNotFoundError("`NeedsAbsentPackage` requires `absent_package`. Install it.")
+
+
+class NeedsAbsentPackageAtSetup(pl.Callback):
+    """Like Lightning's DeviceStatsMonitor without psutil: built, then fails when the fit sets it up."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        raise ModuleNotFoundError("`NeedsAbsentPackageAtSetup` cannot log as `absent_package` is not installed.")
+
+
+@pytest.mark.parametrize("callback", ["NeedsAbsentPackage", "NeedsAbsentPackageAtSetup"])
+def test_a_class_from_the_config_missing_its_package_is_one_line(tmp_path, capsys, callback):
+    """A callback or logger named in the config whose optional package is missing: jsonargparse's 60-line chain of
+    tracebacks (or Lightning's own at setup); now one line naming the class and the package."""
+    code = run_cli(["fit", "--config", str(REPO / "configs/digits.yaml"), *TINY, "--output_root", str(tmp_path),
+                    "--trainer.max_steps", "2", f"--trainer.callbacks+=test_cli.{callback}"])
+    assert code == 2
+    _one_line_error(capsys, "requires `absent_package`" if callback == "NeedsAbsentPackage" else "is not installed",
+                    "(a package it needs is not installed: install it, or drop that class)",
+                    *(["sagan: error: test_cli.NeedsAbsentPackage: "] if callback == "NeedsAbsentPackage" else []))
