@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -292,8 +293,9 @@ class SAGANCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the fit; where torch runs out of memory in a training step (a batch too large for the GPU, often at
-        the first step), one line names the batch size to lower, not a traceback of the allocator. The in-loop
-        evaluation words its own (``fid.batch_size``, see :class:`FIDEvaluation`)."""
+        the first step), or torch.compile's own machinery fails (no C++ compiler), one line names the setting to
+        change, not a traceback. The in-loop evaluation words its own (``fid.batch_size``, see
+        :class:`FIDEvaluation`)."""
         try:
             super()._run_subcommand(subcommand)
         except RuntimeError as e:
@@ -308,8 +310,7 @@ class SAGANCLI(LightningCLI):
             if "CUDA" in str(e):
                 fix += (", train in bfloat16 autocast (--trainer.precision bf16-mixed), or share the batch among more "
                         "GPUs (--trainer.devices N with data.batch_size divided by N)")
-            last = Path(_ckpt_dir(self._get(self.config, "output_root"), self._get(self.config, "experiment")))
-            last = last / "last.ckpt"
+            last = Path(self.trainer.checkpoint_callback.dirpath) / "last.ckpt"
             if last.exists():
                 fix += f". The checkpoints written are intact: resume from {last} with --ckpt_path last"
             raise OutOfMemory(out_of_memory_message(
@@ -579,8 +580,6 @@ def _instantiation_error(e: BaseException) -> str | None:
     built or set up because of a missing package (``RichProgressBar`` without rich, ``DeviceStatsMonitor`` without
     psutil) or a setting its own checks refuse: the cause under jsonargparse's wrapping, with the class path it
     names. None for any other error, which keeps its traceback."""
-    import re
-
     chain, cause = [], e
     while cause is not None and cause not in chain:
         chain.append(cause)
